@@ -1,0 +1,76 @@
+"""Input checks shared by every public entry point of the three packages.
+
+Each check raises ``ValueError`` naming what was received and what was expected;
+nothing here asserts, so checks survive ``python -O``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["check_batch", "check_pair", "check_time", "expand_like", "as_time_tensor"]
+
+
+def check_batch(x: torch.Tensor, name: str = "x", *, min_ndim: int = 2) -> torch.Tensor:
+    """Check a batch of shape (B, *shape): a floating tensor, B > 0, all entries finite."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of shape (B, *shape), got {type(x).__name__}")
+    if x.ndim < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimensions (B, *shape), got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (shape {tuple(x.shape)}); expected at least one sample")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten()[:5].tolist()
+        raise ValueError(f"{name} contains NaN or inf (first bad rows: {bad}); expected finite values")
+    return x
+
+
+def check_pair(x0: torch.Tensor, x1: torch.Tensor, *, same_batch_size: bool = True,
+               names: tuple[str, str] = ("x0", "x1")) -> None:
+    """Check two batches that are to be coupled: same per-sample shape, device and dtype."""
+    check_batch(x0, names[0])
+    check_batch(x1, names[1])
+    if x0.shape[1:] != x1.shape[1:]:
+        raise ValueError(f"{names[0]} and {names[1]} must have the same per-sample shape, "
+                         f"got {tuple(x0.shape)} and {tuple(x1.shape)}")
+    if same_batch_size and x0.shape[0] != x1.shape[0]:
+        raise ValueError(f"{names[0]} and {names[1]} must have the same batch size here, "
+                         f"got {x0.shape[0]} and {x1.shape[0]}")
+    if x0.device != x1.device:
+        raise ValueError(f"{names[0]} is on {x0.device} but {names[1]} is on {x1.device}; expected one device")
+    if x0.dtype != x1.dtype:
+        raise ValueError(f"{names[0]} has dtype {x0.dtype} but {names[1]} has {x1.dtype}; expected one dtype")
+
+
+def as_time_tensor(t: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Turn a float, a 0-d tensor or a (B,) tensor into a (B,) tensor on ``like``'s device and dtype."""
+    batch = like.shape[0]
+    t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
+    if t.ndim == 0:
+        return t.expand(batch)
+    if t.shape != (batch,):
+        raise ValueError(f"t must be a float or a tensor of shape ({batch},), got shape {tuple(t.shape)}")
+    return t
+
+
+def check_time(t: float | torch.Tensor, like: torch.Tensor, *, low: float = 0.0, high: float = 1.0,
+               include_low: bool = True, include_high: bool = True) -> torch.Tensor:
+    """Validate times against an interval (closed by default) and return them as a (B,) tensor."""
+    t = as_time_tensor(t, like)
+    if not torch.isfinite(t).all():
+        raise ValueError("t contains NaN or inf; expected times in "
+                         f"{'[' if include_low else '('}{low}, {high}{']' if include_high else ')'}")
+    below = (t < low) if include_low else (t <= low)
+    above = (t > high) if include_high else (t >= high)
+    if (below | above).any():
+        bad = t[below | above][:5].tolist()
+        raise ValueError(f"t must lie in {'[' if include_low else '('}{low}, {high}{']' if include_high else ')'}, "
+                         f"got values {bad}")
+    return t
+
+
+def expand_like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Reshape a (B,) tensor to (B, 1, ..., 1) so that it broadcasts against x of shape (B, *shape)."""
+    return t.reshape(-1, *([1] * (x.ndim - 1)))

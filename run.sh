@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The project's two commands:
+#   bash run.sh train   trains OT-CFM on the default toy task (8gaussians -> moons), writes a figure and metrics
+#   bash run.sh test    runs the test suite
+# Either one first creates .venv and installs the package with the CPU torch 2.13.0 pinned.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+VENV=.venv
+PY="$VENV/bin/python"
+STAMP="$VENV/.ot-cfm-installed"
+
+setup() {
+    if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ] && [ "$STAMP" -nt constraints.txt ]; then
+        return
+    fi
+    [ -x "$PY" ] || python3 -m venv "$VENV"
+    "$PY" -m pip install -q --upgrade pip
+    # The constraints file pins torch==2.13.0 (the local CPU wheel); unpinned, torchcfm or torchdyn
+    # would pull a several-GB CUDA build.
+    "$PY" -m pip install -q -c constraints.txt -e ".[test]"
+    # torchdyn pulls torchvision, whose registry wheel does not load with the CPU torch
+    # ("operator torchvision::nms does not exist"); without it torchmetrics treats it as optional.
+    "$PY" -m pip uninstall -q -y torchvision || true
+    touch "$STAMP"
+}
+
+cmd="${1:-}"
+[ $# -gt 0 ] && shift
+case "$cmd" in
+    train)
+        setup
+        exec "$VENV/bin/ot-cfm" train --source 8gaussians --target moons --out runs/default "$@"
+        ;;
+    test)
+        setup
+        exec "$PY" -m pytest -q "$@"
+        ;;
+    *)
+        echo "usage: bash run.sh train [ot-cfm train options] | bash run.sh test [pytest options]" >&2
+        exit 2
+        ;;
+esac
