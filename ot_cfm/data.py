@@ -1,0 +1,120 @@
+"""Seeded data samplers: 2D toy distributions, scikit-learn's digits, tensors held in memory.
+
+Every sampler is a callable ``sampler(n, generator=None) -> (n, *shape)`` tensor; all draws are
+i.i.d. and go through the given ``torch.Generator`` (torch's default one when None).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Callable
+
+import torch
+
+__all__ = ["TOY_DATASETS", "sample_toy", "toy_sampler", "TensorSampler", "gaussian_sampler", "load_digits"]
+
+Sampler = Callable[..., torch.Tensor]
+
+
+def _gaussian(n, g):
+    return torch.randn(n, 2, generator=g)
+
+
+def _eight_gaussians(n, g):
+    # torchcfm's geometry: centres on the circle of radius 5, isotropic cluster std 0.1 ** 0.25 (about 0.56).
+    angles = torch.arange(8) * (math.pi / 4)
+    centres = 5.0 * torch.stack([angles.cos(), angles.sin()], dim=1)
+    which = torch.randint(0, 8, (n,), generator=g)
+    return centres[which] + 0.1 ** 0.25 * torch.randn(n, 2, generator=g)
+
+
+def _moons(n, g):
+    # Two interleaved half circles with noise std 0.2, mapped by 3x - 1 like torchcfm's; positions are
+    # drawn uniformly (scikit-learn's make_moons spaces them evenly, which is not i.i.d.).
+    upper = torch.rand(n, generator=g) < 0.5
+    theta = math.pi * torch.rand(n, generator=g)
+    x = torch.where(upper, theta.cos(), 1 - theta.cos())
+    y = torch.where(upper, theta.sin(), 0.5 - theta.sin())
+    points = torch.stack([x, y], dim=1) + 0.2 * torch.randn(n, 2, generator=g)
+    return 3 * points - 1
+
+
+def _checkerboard(n, g):
+    x = 4 * torch.rand(n, generator=g) - 2
+    y = torch.rand(n, generator=g) - 2 * torch.randint(0, 2, (n,), generator=g) + torch.floor(x) % 2
+    return 2 * torch.stack([x, y], dim=1)
+
+
+def _circles(n, g):
+    radius = torch.where(torch.rand(n, generator=g) < 0.5, 1.0, 0.5)
+    theta = 2 * math.pi * torch.rand(n, generator=g)
+    points = radius[:, None] * torch.stack([theta.cos(), theta.sin()], dim=1)
+    return 3 * (points + 0.08 * torch.randn(n, 2, generator=g))
+
+
+def _swissroll(n, g):
+    t = 1.5 * math.pi * (1 + 2 * torch.rand(n, generator=g))
+    points = torch.stack([t * t.cos(), t * t.sin()], dim=1) + torch.randn(n, 2, generator=g)
+    return points / 5
+
+
+_TOYS = {"gaussian": _gaussian, "8gaussians": _eight_gaussians, "moons": _moons,
+         "checkerboard": _checkerboard, "circles": _circles, "swissroll": _swissroll}
+TOY_DATASETS = tuple(_TOYS)
+
+
+def _generator_device(generator: torch.Generator | None) -> torch.device:
+    return torch.device("cpu") if generator is None else generator.device
+
+
+def sample_toy(name: str, n: int, generator: torch.Generator | None = None, *,
+               device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """n i.i.d. points (n, 2) of the toy distribution ``name`` (one of TOY_DATASETS)."""
+    if name not in _TOYS:
+        raise ValueError(f"unknown toy dataset {name!r}; expected one of {TOY_DATASETS}")
+    if n < 1:
+        raise ValueError(f"n must be positive, got {n}")
+    if generator is not None and generator.device.type != "cpu":
+        raise ValueError("toy samplers draw on the CPU: pass a CPU torch.Generator (results are moved to `device`)")
+    return _TOYS[name](n, generator).to(device=device, dtype=dtype)
+
+
+def toy_sampler(name: str, *, device=None, dtype: torch.dtype = torch.float32) -> Sampler:
+    """A sampler ``(n, generator=None) -> (n, 2)`` for the toy distribution ``name``."""
+    if name not in _TOYS:
+        raise ValueError(f"unknown toy dataset {name!r}; expected one of {TOY_DATASETS}")
+    return partial(sample_toy, name, device=device, dtype=dtype)
+
+
+def gaussian_sampler(shape: tuple[int, ...], *, device=None, dtype: torch.dtype = torch.float32) -> Sampler:
+    """A sampler of N(0, I) in ``shape`` (the flow-matching source for images or any dimension)."""
+    def draw(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.randn((n, *shape), generator=generator, device=_generator_device(generator)).to(device=device, dtype=dtype)
+    return draw
+
+
+class TensorSampler:
+    """Draws i.i.d. rows (with replacement) of a dataset tensor (N, *shape), with their labels if given."""
+
+    def __init__(self, data: torch.Tensor, labels: torch.Tensor | None = None):
+        if data.shape[0] == 0:
+            raise ValueError("data is empty; expected at least one sample")
+        if labels is not None and labels.shape[0] != data.shape[0]:
+            raise ValueError(f"labels ({labels.shape[0]}) and data ({data.shape[0]}) differ in length")
+        self.data, self.labels = data, labels
+
+    def indices(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.randint(0, self.data.shape[0], (n,), generator=generator).to(self.data.device)
+
+    def __call__(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.data[self.indices(n, generator)]
+
+
+def load_digits(*, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 1797 handwritten digits as images (1797, 1, 8, 8) scaled to [-1, 1], and labels (1797,)."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    images = torch.as_tensor(bunch.images, dtype=dtype).unsqueeze(1) / 8.0 - 1.0
+    return images, torch.as_tensor(bunch.target, dtype=torch.long)

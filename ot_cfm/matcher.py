@@ -1,0 +1,98 @@
+"""Conditional flow matching: the straight interpolant, its regression target and the loss.
+
+Formulas (Lipman et al. 2023; Tong et al. 2024, "Improving and generalizing flow-based
+generative models with minibatch optimal transport"), identical to torchcfm's:
+
+    x_t = t x1 + (1 - t) x0 + sigma * eps,     u_t = x1 - x0,     eps ~ N(0, I)
+
+A coupler (exact OT, Sinkhorn, independent, semidiscrete) re-pairs (x0, x1) first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ot_cfm.couplers.base import Coupler
+from ot_cfm.validation import check_pair, check_time, expand_like
+
+__all__ = ["FlowSample", "ConditionalFlowMatcher", "OTConditionalFlowMatcher"]
+
+
+@dataclass(frozen=True)
+class FlowSample:
+    """One training batch of conditional flow matching; tensors of shape (B,) or (B, *shape)."""
+
+    t: torch.Tensor
+    x_t: torch.Tensor
+    u_t: torch.Tensor
+    x0: torch.Tensor
+    x1: torch.Tensor
+    noise: torch.Tensor
+    y0: torch.Tensor | None = None
+    y1: torch.Tensor | None = None
+
+
+class ConditionalFlowMatcher:
+    """Draws (t, x_t, u_t) from a coupled batch and computes the flow-matching loss.
+
+    Args:
+        coupler: re-pairs (x0, x1) before interpolation; None keeps the given pairing
+            (independent CFM when x0 and x1 are independent draws).
+        sigma: standard deviation of the Gaussian smoothing of the path (0 = deterministic).
+    """
+
+    def __init__(self, coupler: Coupler | None = None, sigma: float = 0.0):
+        if sigma < 0:
+            raise ValueError(f"sigma must be >= 0, got {sigma}")
+        self.coupler = coupler
+        self.sigma = float(sigma)
+
+    def sample(self, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor | float | None = None, *,
+               y0: torch.Tensor | None = None, y1: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> FlowSample:
+        """Couple (x0, x1), draw t ~ U[0, 1] (unless given) and eps, return the batch as a FlowSample.
+
+        The draws go through ``generator`` (torch's default generator when None), t first, then eps,
+        in the order torchcfm uses, so equal seeds give equal batches.
+        """
+        check_pair(x0, x1, same_batch_size=self.coupler is None or self.coupler.requires_equal_sizes)
+        if self.coupler is not None:
+            paired = self.coupler.pair(x0, x1, y0, y1, generator=generator)
+            x0, x1, y0, y1 = paired if len(paired) == 4 else (*paired, None, None)
+        if x0.shape[0] != x1.shape[0]:
+            raise ValueError(f"after coupling, x0 and x1 must have one batch size, got {x0.shape[0]} and {x1.shape[0]}")
+        if t is None:
+            t = torch.rand(x0.shape[0], generator=generator, device=x0.device, dtype=x0.dtype)
+        else:
+            t = check_time(t, x0)
+        # eps is drawn even when sigma = 0 so that the random stream matches torchcfm's.
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        te = expand_like(t, x0)
+        x_t = te * x1 + (1 - te) * x0 + self.sigma * noise
+        return FlowSample(t=t, x_t=x_t, u_t=x1 - x0, x0=x0, x1=x1, noise=noise, y0=y0, y1=y1)
+
+    def sample_location_and_conditional_flow(self, x0: torch.Tensor, x1: torch.Tensor,
+                                             t: torch.Tensor | None = None, return_noise: bool = False):
+        """torchcfm's signature: (t, x_t, u_t) or (t, x_t, u_t, eps) with return_noise."""
+        s = self.sample(x0, x1, t)
+        return (s.t, s.x_t, s.u_t, s.noise) if return_noise else (s.t, s.x_t, s.u_t)
+
+    def loss(self, model, x0: torch.Tensor, x1: torch.Tensor, *,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """Mean squared error E |v(t, x_t) - u_t|^2 (mean over batch and coordinates), a scalar tensor."""
+        s = self.sample(x0, x1, generator=generator)
+        v = model(s.t, s.x_t)
+        if v.shape != s.u_t.shape:
+            raise ValueError(f"model returned shape {tuple(v.shape)}, expected {tuple(s.u_t.shape)} (the shape of x_t)")
+        return torch.mean((v - s.u_t) ** 2)
+
+
+class OTConditionalFlowMatcher(ConditionalFlowMatcher):
+    """The matcher with the exact minibatch OT coupler (OT-CFM)."""
+
+    def __init__(self, sigma: float = 0.0, backend: str = "auto"):
+        from ot_cfm.couplers.exact import ExactOTCoupler
+
+        super().__init__(coupler=ExactOTCoupler(backend=backend), sigma=sigma)
