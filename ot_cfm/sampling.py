@@ -64,20 +64,22 @@ def sample(field, x0: torch.Tensor, *, solver: str = "dopri5", steps: int | None
     if solver in FIXED_STEP_SOLVERS:
         if steps is None or int(steps) < 1:
             raise ValueError(f"solver {solver!r} is fixed-step: give steps >= 1, got {steps}")
-        grid = torch.linspace(t_span[0], t_span[1], int(steps) + 1)
+        grid = torch.linspace(t_span[0], t_span[1], int(steps) + 1, dtype=x0.dtype)
     elif solver in ADAPTIVE_SOLVERS:
         if steps is not None:
             raise ValueError(f"solver {solver!r} is adaptive: its steps follow atol/rtol, so steps must be None")
-        grid = torch.linspace(t_span[0], t_span[1], trajectory_points if return_trajectory else 2)
+        grid = torch.linspace(t_span[0], t_span[1], trajectory_points if return_trajectory else 2, dtype=x0.dtype)
     else:
         raise ValueError(f"solver must be one of {FIXED_STEP_SOLVERS + ADAPTIVE_SOLVERS}, got {solver!r}")
     from torchdyn.core import NeuralODE  # lazy: importing torchdyn takes seconds
+    from torchdyn.numerics.solvers.ode import str_to_solver
 
     counted = _CountedField(field)
     # torchdyn's defaults (1e-3) leave fixed-step solvers silent; ours would trigger its warning.
     tolerances = dict(atol=atol, rtol=rtol) if solver in ADAPTIVE_SOLVERS else dict(atol=1e-3, rtol=1e-3)
     with contextlib.redirect_stdout(io.StringIO()):  # torchdyn prints a notice for parameter-free fields
-        node = NeuralODE(counted, solver=solver, sensitivity="autograd", **tolerances)
+        # NeuralODE would build the Butcher tableau in float32; build it in the states' dtype.
+        node = NeuralODE(counted, solver=str_to_solver(solver, x0.dtype), sensitivity="autograd", **tolerances)
     grid = grid.to(device=x0.device, dtype=x0.dtype)
     with torch.set_grad_enabled(enable_grad):
         times, states = node(x0, grid)

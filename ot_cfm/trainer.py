@@ -1,0 +1,268 @@
+"""Training loop for flow-matching models: Adam, warm-up and cosine schedule, clipping, EMA,
+periodic evaluation, a JSON-lines metrics log and atomic checkpoints with exact resume.
+
+All randomness (data draws, t, eps, stochastic couplers) goes through two torch.Generators
+owned by the trainer and saved in every checkpoint, so a resumed run ends with the same
+weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
+
+from ot_cfm.matcher import ConditionalFlowMatcher
+
+__all__ = ["TrainConfig", "TrainResult", "Trainer", "CHECKPOINT_NAME", "METRICS_NAME"]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
+# Fields that may change between a run and its resumption without changing the trained weights.
+_RESUMABLE_FIELDS = ("steps", "out_dir", "progress", "eval_every", "checkpoint_every", "log_every")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of one training run.
+
+    lr follows a linear warm-up over ``warmup_steps`` then ``schedule`` ("constant" or "cosine" to 0 at
+    ``steps``). ``grad_clip`` > 0 clips the global gradient norm; ``ema_decay`` > 0 keeps an exponential
+    moving average of the weights (used for evaluation and sampling). Checkpoints and the metrics log
+    go to ``out_dir`` (none when None).
+    """
+
+    steps: int = 5000
+    batch_size: int = 256
+    lr: float = 1e-3
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    grad_clip: float = 0.0
+    ema_decay: float = 0.0
+    seed: int = 0
+    log_every: int = 100
+    eval_every: int = 0
+    checkpoint_every: int = 1000
+    out_dir: str | None = None
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"steps and batch_size must be positive, got {self.steps} and {self.batch_size}")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+        if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip < 0:
+            raise ValueError("lr must be positive, warmup_steps and grad_clip non-negative")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a finished ``fit`` reports: final step, last logged loss, wall time of this call, metrics rows."""
+
+    step: int
+    loss: float
+    seconds: float
+    history: list
+
+
+class Trainer:
+    """Fits ``model(t, x)`` by flow matching between a source and a target sampler.
+
+    Args:
+        model: the field v(t, x), an nn.Module.
+        matcher: a ConditionalFlowMatcher (its coupler decides minibatch OT, Sinkhorn, independent, semidiscrete).
+        source, target: samplers ``(n, generator) -> (n, *shape)`` drawing on the CPU (see ot_cfm.data).
+        config: TrainConfig.
+        evaluate: optional ``evaluate(model, step) -> dict`` of floats, called every ``eval_every`` steps
+            and at the end on the EMA weights when EMA is on; its values enter the metrics log.
+        metadata: JSON-able facts stored in checkpoints (for example how to rebuild the model).
+    """
+
+    def __init__(self, model: nn.Module, matcher: ConditionalFlowMatcher, source: Callable, target: Callable,
+                 config: TrainConfig = TrainConfig(), *, evaluate: Callable | None = None,
+                 metadata: dict | None = None):
+        self.model, self.matcher, self.source, self.target = model, matcher, source, target
+        self.config, self.evaluate, self.metadata = config, evaluate, dict(metadata or {})
+        self.device = next(model.parameters()).device
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay))
+                    if config.ema_decay > 0 else None)
+        self.data_generator = torch.Generator().manual_seed(config.seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed + 1)
+        self.step = 0
+        self.out_dir = Path(config.out_dir) if config.out_dir else None
+
+    @property
+    def sampling_model(self) -> nn.Module:
+        """The weights to sample with: the EMA copy when EMA is on, else the trained model."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def _lr_factor(self, step: int) -> float:
+        c = self.config
+        if step < c.warmup_steps:
+            return (step + 1) / c.warmup_steps
+        if c.schedule == "cosine":
+            progress = (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    def train_step(self) -> float:
+        """One optimisation step on a fresh batch; returns the loss."""
+        c = self.config
+        x0 = self.source(c.batch_size, self.data_generator).to(self.device)
+        x1 = self.target(c.batch_size, self.data_generator).to(self.device)
+        self.model.train()
+        loss = self.matcher.loss(self.model, x0, x1, generator=self.generator)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"loss became {loss.item()} at step {self.step}; lower lr or enable grad_clip")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if c.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        self.step += 1
+        return loss.item()
+
+    def fit(self, *, resume: bool = False) -> TrainResult:
+        """Train up to ``config.steps``; with ``resume`` continue from the checkpoint in ``out_dir`` if there is one.
+
+        Ctrl-C (SIGINT, in the main thread) is honoured at the next step boundary: the checkpoint is
+        written first, then KeyboardInterrupt propagates, so an interrupted run loses nothing.
+        """
+        c = self.config
+        if resume:
+            if self.out_dir is None:
+                raise ValueError("resume needs config.out_dir, where the checkpoint lives")
+            if (self.out_dir / CHECKPOINT_NAME).exists():
+                self.load_checkpoint(self.out_dir / CHECKPOINT_NAME)
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._truncate_log()
+        start, history, losses = time.perf_counter(), [], []
+        bar = tqdm(total=c.steps, initial=self.step, disable=not c.progress, desc="train", dynamic_ncols=True)
+        with _interrupts_at_step_boundaries() as interrupted, contextlib.closing(bar):
+            while self.step < c.steps:
+                losses.append(self.train_step())
+                bar.update(1)
+                row = {}
+                if self.step % c.log_every == 0 or self.step == c.steps:
+                    row.update(step=self.step, loss=sum(losses) / len(losses), lr=self.scheduler.get_last_lr()[0])
+                    bar.set_postfix(loss=f"{row['loss']:.4f}")
+                    losses = []
+                if self.evaluate is not None and ((c.eval_every and self.step % c.eval_every == 0) or self.step == c.steps):
+                    row.update(step=self.step, **self._evaluate())
+                if row:
+                    history.append(row)
+                    self._log(row)
+                stop = interrupted()
+                if self.out_dir is not None and (stop or self.step % c.checkpoint_every == 0 or self.step == c.steps):
+                    self.save_checkpoint(self.out_dir / CHECKPOINT_NAME)
+                if stop:
+                    raise KeyboardInterrupt(f"training interrupted at step {self.step}; checkpoint saved")
+        last = next((r["loss"] for r in reversed(history) if "loss" in r), float("nan"))
+        return TrainResult(step=self.step, loss=last, seconds=time.perf_counter() - start, history=history)
+
+    def _evaluate(self) -> dict:
+        model = self.sampling_model
+        was_training = model.training
+        model.eval()
+        try:
+            return {k: float(v) for k, v in self.evaluate(model, self.step).items()}
+        finally:
+            model.train(was_training)
+
+    def _log(self, row: dict) -> None:
+        if self.out_dir is not None:
+            with open(self.out_dir / METRICS_NAME, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def _truncate_log(self) -> None:
+        """Drop log rows written after the checkpoint we resume from (or all rows on a fresh start)."""
+        path = self.out_dir / METRICS_NAME
+        if path.exists():
+            rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
+            path.write_text("".join(r + "\n" for r in rows))
+
+    def _fingerprint(self) -> dict:
+        config = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in _RESUMABLE_FIELDS}
+        shapes = {k: list(v.shape) for k, v in self.model.state_dict().items()}
+        return {"config": config, "parameter_shapes": shapes, "model": type(self.model).__name__,
+                "matcher": type(self.matcher).__name__,
+                "coupler": type(self.matcher.coupler).__name__ if self.matcher.coupler else None}
+
+    def save_checkpoint(self, path: str | os.PathLike) -> None:
+        """Write everything needed to resume, atomically (temporary file in the same folder, then rename)."""
+        path = Path(path)
+        state = {"step": self.step, "fingerprint": self._fingerprint(), "metadata": self.metadata,
+                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+                 "data_generator": self.data_generator.get_state(), "generator": self.generator.get_state()}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Restore a checkpoint written by ``save_checkpoint``; raise ValueError if it comes from another configuration."""
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        theirs, ours = state.get("fingerprint", {}), self._fingerprint()
+        diffs = [f"{key}: checkpoint {theirs.get(key)!r} vs now {ours[key]!r}" for key in ours
+                 if key != "config" and theirs.get(key) != ours[key]]
+        diffs += [f"config.{k}: checkpoint {theirs.get('config', {}).get(k)!r} vs now {v!r}"
+                  for k, v in ours["config"].items() if theirs.get("config", {}).get(k) != v]
+        if diffs:
+            raise ValueError(f"checkpoint {path} comes from another configuration: " + "; ".join(diffs))
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.data_generator.set_state(state["data_generator"])
+        self.generator.set_state(state["generator"])
+        self.step = state["step"]
+
+
+@contextlib.contextmanager
+def _interrupts_at_step_boundaries():
+    """Turn the first SIGINT into a flag read between steps (a second one interrupts at once)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    received = []
+
+    def handler(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(received)
+    finally:
+        signal.signal(signal.SIGINT, previous)

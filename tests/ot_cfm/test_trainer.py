@@ -1,0 +1,107 @@
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from ot_cfm.data import toy_sampler
+from ot_cfm.matcher import ConditionalFlowMatcher
+from ot_cfm.models import MLP
+from ot_cfm.trainer import CHECKPOINT_NAME, METRICS_NAME, TrainConfig, Trainer
+
+
+def make_trainer(out_dir, target=None, **overrides):
+    torch.manual_seed(0)  # model initialisation only
+    config = dict(out_dir=str(out_dir), steps=12, batch_size=32, lr=1e-2, warmup_steps=3, schedule="cosine", grad_clip=1.0,
+                  ema_decay=0.9, log_every=2, checkpoint_every=5, progress=False)
+    config.update(overrides)
+    return Trainer(MLP(2, width=16, depth=2), ConditionalFlowMatcher(sigma=0.1), toy_sampler("gaussian"),
+                   target or toy_sampler("moons"), TrainConfig(**config))
+
+
+def weights(trainer):
+    return torch.cat([p.detach().flatten() for p in trainer.model.parameters()]
+                     + [p.detach().flatten() for p in trainer.ema.module.parameters()])
+
+
+def failing_after(calls, action):
+    sampler, count = toy_sampler("moons"), [0]
+
+    def draw(n, generator=None):
+        count[0] += 1
+        if count[0] == calls:
+            action()
+        return sampler(n, generator)
+    return draw
+
+
+def test_resume_after_sigint_equals_uninterrupted_run(tmp_path):
+    full = make_trainer(tmp_path / "full")
+    full.fit()
+    interrupted = make_trainer(tmp_path / "cut", target=failing_after(7, lambda: os.kill(os.getpid(), signal.SIGINT)))
+    with pytest.raises(KeyboardInterrupt, match="step 7"):
+        interrupted.fit()
+    resumed = make_trainer(tmp_path / "cut")
+    resumed.fit(resume=True)
+    assert resumed.step == 12
+    torch.testing.assert_close(weights(resumed), weights(full), rtol=0, atol=0)
+    # the log holds each step once, as if nothing had happened
+    steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / METRICS_NAME).read_text().splitlines()]
+    assert steps == [2, 4, 6, 8, 10, 12]
+
+
+def test_resume_after_crash_restarts_from_last_periodic_checkpoint(tmp_path):
+    full = make_trainer(tmp_path / "full")
+    full.fit()
+
+    def crash():
+        raise RuntimeError("simulated crash")
+    crashed = make_trainer(tmp_path / "cut", target=failing_after(9, crash))
+    with pytest.raises(RuntimeError, match="simulated"):
+        crashed.fit()
+    assert torch.load(tmp_path / "cut" / CHECKPOINT_NAME, weights_only=False)["step"] == 5
+    resumed = make_trainer(tmp_path / "cut")
+    resumed.fit(resume=True)
+    torch.testing.assert_close(weights(resumed), weights(full), rtol=0, atol=0)
+    assert not [p for p in os.listdir(tmp_path / "cut") if p.endswith(".tmp")]
+
+
+def test_checkpoint_from_another_configuration_is_refused(tmp_path):
+    make_trainer(tmp_path, steps=5).fit()
+    with pytest.raises(ValueError, match="another configuration.*config.lr"):
+        make_trainer(tmp_path, lr=5e-3).fit(resume=True)
+    other_model = Trainer(MLP(2, width=8, depth=2), ConditionalFlowMatcher(sigma=0.1), toy_sampler("gaussian"),
+                          toy_sampler("moons"), make_trainer(tmp_path).config)
+    with pytest.raises(ValueError, match="parameter_shapes"):
+        other_model.fit(resume=True)
+
+
+def test_longer_run_may_resume_a_shorter_one(tmp_path):
+    make_trainer(tmp_path, steps=6, schedule="constant").fit()
+    longer = make_trainer(tmp_path, steps=10, schedule="constant")
+    assert longer.fit(resume=True).step == 10
+
+
+def test_evaluation_runs_on_ema_weights_and_is_logged(tmp_path):
+    seen = []
+
+    def evaluate(model, step):
+        seen.append((model, step))
+        return {"score": float(step)}
+    trainer = make_trainer(tmp_path, eval_every=4)
+    trainer.evaluate = evaluate
+    result = trainer.fit()
+    assert [s for _, s in seen] == [4, 8, 12] and all(m is trainer.ema.module for m, _ in seen)
+    assert [r["score"] for r in result.history if "score" in r] == [4.0, 8.0, 12.0]
+
+
+@pytest.mark.parametrize("bad", [dict(steps=0), dict(schedule="linear"), dict(ema_decay=1.0), dict(lr=-1.0)])
+def test_bad_config_raises(bad):
+    with pytest.raises(ValueError):
+        TrainConfig(**bad)
+
+
+def test_resume_without_out_dir_raises():
+    with pytest.raises(ValueError, match="out_dir"):
+        make_trainer("unused", out_dir=None).fit(resume=True)
