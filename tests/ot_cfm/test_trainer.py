@@ -11,9 +11,9 @@ from ot_cfm.models import MLP
 from ot_cfm.trainer import CHECKPOINT_NAME, METRICS_NAME, TrainConfig, Trainer
 
 
-def make_trainer(out_dir, target=None, **overrides):
+def make_trainer(folder, target=None, **overrides):
     torch.manual_seed(0)  # model initialisation only
-    config = dict(out_dir=str(out_dir), steps=12, batch_size=32, lr=1e-2, warmup_steps=3, schedule="cosine", grad_clip=1.0,
+    config = dict(out_dir=str(folder), steps=12, batch_size=32, lr=1e-2, warmup_steps=3, schedule="cosine", grad_clip=1.0,
                   ema_decay=0.9, log_every=2, checkpoint_every=5, progress=False)
     config.update(overrides)
     return Trainer(MLP(2, width=16, depth=2), ConditionalFlowMatcher(sigma=0.1), toy_sampler("gaussian"),
@@ -104,4 +104,4 @@ def test_bad_config_raises(bad):
 
 def test_resume_without_out_dir_raises():
     with pytest.raises(ValueError, match="out_dir"):
-        make_trainer("unused", out_dir=None).fit(resume=True)
+        make_trainer(None, out_dir=None).fit(resume=True)
