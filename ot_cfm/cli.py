@@ -1,0 +1,164 @@
+"""The ``ot-cfm`` command line: train, sample, and the experiments (manifold, batch-size)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+__all__ = ["main", "build_parser"]
+
+COUPLERS = ("exact", "sinkhorn", "independent")
+
+
+def _make_coupler(name: str, epsilon: float):
+    from ot_cfm.couplers.exact import ExactOTCoupler
+    from ot_cfm.couplers.independent import IndependentCoupler
+    from ot_cfm.couplers.sinkhorn import SinkhornCoupler
+
+    return {"exact": ExactOTCoupler, "independent": IndependentCoupler,
+            "sinkhorn": lambda: SinkhornCoupler(epsilon=epsilon)}[name]()
+
+
+def _model_from_spec(spec: dict):
+    from ot_cfm.models import MLP
+
+    return MLP(**spec)
+
+
+def _load_sampling_model(checkpoint: Path):
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    meta = state.get("metadata", {})
+    if "model" not in meta:
+        raise ValueError(f"{checkpoint} has no model description in its metadata; was it written by `ot-cfm train`?")
+    model = _model_from_spec(meta["model"])
+    if state.get("ema") is not None:  # AveragedModel's state: "module.<name>" entries plus a counter
+        weights = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
+    else:
+        weights = state["model"]
+    model.load_state_dict(weights)
+    return model.eval(), meta
+
+
+def _print_quality(quality) -> None:
+    print(quality.to_markdown())
+
+
+def cmd_train(args) -> int:
+    from ot_cfm.data import toy_sampler
+    from ot_cfm.evaluation import evaluate_samples
+    from ot_cfm.matcher import ConditionalFlowMatcher
+    from ot_cfm.plotting import plot_flow_2d
+    from ot_cfm.trainer import CHECKPOINT_NAME, TrainConfig, Trainer
+
+    out = Path(args.out)
+    torch.manual_seed(args.seed)  # model initialisation
+    spec = dict(dim=2, width=args.width, depth=args.depth, activation=args.activation,
+                time_embedding=args.time_embedding)
+    model = _model_from_spec(spec)
+    matcher = ConditionalFlowMatcher(coupler=_make_coupler(args.coupler, args.epsilon), sigma=args.sigma)
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
+                         schedule=args.schedule, grad_clip=args.grad_clip, ema_decay=args.ema_decay, seed=args.seed,
+                         checkpoint_every=args.checkpoint_every, out_dir=str(out), progress=not args.no_progress)
+    meta = {"model": spec, "source": args.source, "target": args.target, "coupler": args.coupler}
+    source, target = toy_sampler(args.source), toy_sampler(args.target)
+    trainer = Trainer(model, matcher, source, target, config, metadata=meta)
+    start = time.perf_counter()
+    result = trainer.fit(resume=args.resume)
+    train_seconds = time.perf_counter() - start
+
+    quality, tensors = evaluate_samples(trainer.sampling_model, source, target, n=args.eval_samples,
+                                        generator=torch.Generator().manual_seed(args.seed + 10_000))
+    metrics = {"source": args.source, "target": args.target, "coupler": args.coupler, "steps": result.step,
+               "batch_size": args.batch_size, "final_loss": result.loss, "train_seconds_this_call": train_seconds,
+               "eval_samples": args.eval_samples, **quality.as_dict()}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    figure = plot_flow_2d(out / "samples.png", tensors["source"], tensors["generated"], tensors["target"],
+                          tensors.get("trajectory"),
+                          title=f"{args.source} -> {args.target}, {args.coupler} coupler, {result.step} steps")
+    print(f"trained {result.step} steps in {train_seconds:.1f} s; final loss {result.loss:.4f}")
+    _print_quality(quality)
+    print(f"wrote {out / CHECKPOINT_NAME}, {out / 'metrics.json'}, {figure}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from ot_cfm.data import toy_sampler
+    from ot_cfm.plotting import plot_flow_2d
+    from ot_cfm.sampling import sample
+
+    model, meta = _load_sampling_model(Path(args.checkpoint))
+    g = torch.Generator().manual_seed(args.seed)
+    x0 = toy_sampler(meta["source"])(args.n, g)
+    steps = None if args.solver in ("dopri5", "tsit5") else args.steps
+    out = sample(model, x0, solver=args.solver, steps=steps, return_trajectory=True)
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"x0": x0, "x1": out.x, "nfe": out.nfe}, path.with_suffix(".pt"))
+    plot_flow_2d(path.with_suffix(".png"), x0, out.x, toy_sampler(meta["target"])(args.n, g), out.trajectory,
+                 title=f"{args.solver}, NFE {out.nfe}")
+    print(f"sampled {args.n} points with {args.solver} (NFE {out.nfe}); wrote {path.with_suffix('.pt')} "
+          f"and {path.with_suffix('.png')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ot_cfm.data import TOY_DATASETS
+
+    parser = argparse.ArgumentParser(prog="ot-cfm", description="Minibatch OT conditional flow matching.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a 2D toy flow, evaluate W2 at several NFE, save a figure",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train.add_argument("--source", choices=TOY_DATASETS, default="8gaussians")
+    train.add_argument("--target", choices=TOY_DATASETS, default="moons")
+    train.add_argument("--coupler", choices=COUPLERS, default="exact")
+    train.add_argument("--epsilon", type=float, default=0.05, help="Sinkhorn regularisation (relative to the mean cost)")
+    train.add_argument("--sigma", type=float, default=0.0, help="path noise of the matcher")
+    train.add_argument("--steps", type=int, default=5000)
+    train.add_argument("--batch-size", type=int, default=256)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--warmup", type=int, default=0)
+    train.add_argument("--schedule", choices=("constant", "cosine"), default="cosine")
+    train.add_argument("--grad-clip", type=float, default=0.0)
+    train.add_argument("--ema-decay", type=float, default=0.0)
+    train.add_argument("--width", type=int, default=64)
+    train.add_argument("--depth", type=int, default=3)
+    train.add_argument("--activation", default="selu")
+    train.add_argument("--time-embedding", choices=("concat", "sinusoidal"), default="concat")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--checkpoint-every", type=int, default=1000)
+    train.add_argument("--eval-samples", type=int, default=2000)
+    train.add_argument("--out", default="runs/default", help="output folder")
+    train.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    train.add_argument("--no-progress", action="store_true")
+    train.set_defaults(func=cmd_train)
+
+    smp = sub.add_parser("sample", help="sample from a checkpoint written by `ot-cfm train`",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    smp.add_argument("checkpoint")
+    smp.add_argument("--n", type=int, default=2000)
+    smp.add_argument("--solver", choices=("euler", "midpoint", "rk4", "dopri5", "tsit5"), default="dopri5")
+    smp.add_argument("--steps", type=int, default=8, help="steps of fixed-step solvers")
+    smp.add_argument("--seed", type=int, default=0)
+    smp.add_argument("--out", default="runs/samples", help="output path without suffix (.pt and .png written)")
+    smp.set_defaults(func=cmd_sample)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, RuntimeError) as err:
+        print(f"ot-cfm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
