@@ -45,11 +45,12 @@ def check_pair(x0: torch.Tensor, x1: torch.Tensor, *, same_batch_size: bool = Tr
 
 
 def as_time_tensor(t: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Turn a float, a 0-d tensor or a (B,) tensor into a (B,) tensor on ``like``'s device and dtype."""
+    """Turn a float, a one-element tensor (ODE solvers pass t as shape () or (1,)) or a (B,) tensor
+    into a (B,) tensor on ``like``'s device and dtype."""
     batch = like.shape[0]
     t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
-    if t.ndim == 0:
-        return t.expand(batch)
+    if t.numel() == 1 and t.ndim <= 1:
+        return t.reshape(()).expand(batch)
     if t.shape != (batch,):
         raise ValueError(f"t must be a float or a tensor of shape ({batch},), got shape {tuple(t.shape)}")
     return t

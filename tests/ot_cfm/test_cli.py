@@ -1,0 +1,48 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ot_cfm.cli import main
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["sample"]])
+def test_help_on_every_command(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: ot-cfm" in capsys.readouterr().out
+
+
+def test_train_then_sample_writes_outputs(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--steps", "60", "--batch-size", "64", "--eval-samples", "200", "--width", "32",
+                 "--checkpoint-every", "30", "--out", str(out), "--no-progress"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 60 and metrics["coupler"] == "exact"
+    for key in ("w2/euler-1", "w2/euler-2", "w2/euler-4", "w2/euler-8", "w2/dopri5", "npe", "w2_floor"):
+        assert metrics[key] == metrics[key] and metrics[key] >= 0, key  # finite, not NaN
+    assert metrics["nfe/euler-4"] == 4.0
+    assert (out / "samples.png").stat().st_size > 10_000 and (out / "checkpoint.pt").exists()
+    printed = capsys.readouterr().out
+    assert "euler-1" in printed and "dopri5" in printed
+
+    code = main(["sample", str(out / "checkpoint.pt"), "--n", "100", "--solver", "euler", "--steps", "4",
+                 "--out", str(tmp_path / "s")])
+    assert code == 0
+    assert (tmp_path / "s.png").exists() and (tmp_path / "s.pt").exists()
+
+
+def test_resume_with_other_configuration_is_a_clear_error(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--steps", "10", "--batch-size", "32", "--eval-samples", "100", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    assert main([*args[:-1], "--lr", "0.5", "--resume", "--no-progress"]) == 2
+    assert "another configuration" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    done = subprocess.run([sys.executable, "-m", "ot_cfm.cli", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "train" in done.stdout
