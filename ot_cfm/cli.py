@@ -13,6 +13,12 @@ import torch
 __all__ = ["main", "build_parser"]
 
 COUPLERS = ("exact", "sinkhorn", "independent")
+# Commands whose options belong to an experiment module: everything after the name is handed over.
+EXPERIMENTS = {
+    ("manifold",): ("manifold_tests.experiment", "terminal normal hyperbolicity of exact, learned and empirical fields"),
+    ("experiment", "batch-size"): ("ot_cfm.experiments.batch_size",
+                                   "how minibatch OT-CFM approaches population OT-CFM as the batch grows"),
+}
 
 
 def _make_coupler(name: str, epsilon: float):
@@ -147,10 +153,28 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--seed", type=int, default=0)
     smp.add_argument("--out", default="runs/samples", help="output path without suffix (.pt and .png written)")
     smp.set_defaults(func=cmd_sample)
+
+    sub.add_parser("manifold", help=EXPERIMENTS[("manifold",)][1] + " (options: ot-cfm manifold --help)")
+    experiment = sub.add_parser("experiment", help="run an experiment (ot-cfm experiment batch-size --help)")
+    experiment.add_argument("name", choices=["batch-size"])
     return parser
 
 
+def _run_experiment(argv: list[str]) -> int | None:
+    """Hand ``argv`` to an experiment module's ``main`` if it names one; None otherwise."""
+    import importlib
+
+    for words, (module, _) in EXPERIMENTS.items():
+        if tuple(argv[:len(words)]) == words:
+            return importlib.import_module(module).main(argv[len(words):], prog="ot-cfm " + " ".join(words))
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    delegated = _run_experiment(argv)
+    if delegated is not None:
+        return delegated
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
