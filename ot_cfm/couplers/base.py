@@ -13,7 +13,19 @@ import torch
 
 from ot_cfm.validation import check_pair
 
-__all__ = ["Coupler"]
+__all__ = ["Coupler", "sample_rows"]
+
+
+def sample_rows(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One column index per row of ``logits`` (n, m), drawn with probability softmax(logits[i]).
+
+    Gumbel-max: ``argmax_j logits[i, j] + G[i, j]`` with G standard Gumbel; entries at -inf are never
+    drawn. Uniforms come from ``generator`` on its own device, so a CPU generator serves any device.
+    """
+    device = generator.device if generator is not None else logits.device
+    u = torch.rand(logits.shape, generator=generator, device=device, dtype=torch.float64).to(logits.device)
+    gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(torch.float64).tiny)))
+    return torch.argmax(logits.to(torch.float64) + gumbel, dim=1)
 
 
 class Coupler(ABC):

@@ -1,0 +1,211 @@
+"""Exact minibatch couplers: ot-cfm against torchcfm, POT and scipy on the same batches.
+
+Every method goes from torch tensors in to re-paired torch tensors out, in one process, with
+the methods' repetitions interleaved in a shuffled order; the table reports medians. Besides
+time it reports the reference's relative cost gap to the optimum (torchcfm calls POT with its
+default ``numItermax``) and its duplicate fraction (share of returned pairs whose source already
+appeared: torchcfm draws B pairs with replacement from the plan).
+
+    python benchmarks/couplers.py --quick          # smoke run, seconds
+    python benchmarks/couplers.py                  # full grid, writes benchmarks/results/couplers.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import random
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import ot
+import torch
+from scipy.optimize import linear_sum_assignment
+from torchcfm.optimal_transport import OTPlanSampler
+
+from ot_cfm.couplers.exact import ExactOTCoupler
+
+FULL_B = (128, 256, 512, 1024, 2048, 4096)
+FULL_D = (2, 64, 784, 3072)
+# repetitions per batch size: fewer at large B, where torchcfm and POT take seconds per call
+FULL_REPS = {128: 9, 256: 9, 512: 7, 1024: 5, 2048: 3, 4096: 1}
+# B = 4096: one repetition, d in {2, 784} only, no scipy reference (it took 40 to 80 s per call at B = 2048)
+FULL_4096_D = (2, 784)
+CROSS_B = (256, 1024)
+CROSS_D = (2, 4, 8, 16, 32, 64)
+
+
+def make_batch(b: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source N(0, I_d); target a mixture of 8 Gaussians (std 0.5) with N(0, 4 I) centres, float32."""
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(b, d, generator=g)
+    centres = 2.0 * torch.randn(8, d, generator=g)
+    x1 = centres[torch.randint(8, (b,), generator=g)] + 0.5 * torch.randn(b, d, generator=g)
+    return x0, x1
+
+
+def full_cost(x0: torch.Tensor, x1: torch.Tensor) -> np.ndarray:
+    return torch.cdist(x0.double(), x1.double()).pow(2).numpy()
+
+
+def run_torchcfm(x0, x1, store):
+    # the body of OTPlanSampler.sample_plan, unrolled to keep its plan and indices for the report
+    sampler = OTPlanSampler(method="exact")
+    pi = sampler.get_map(x0, x1)
+    i, j = sampler.sample_map(pi, x0.shape[0])
+    store.update(pi=pi, i=i)
+    return x0[i], x1[j]
+
+
+def run_pot(x0, x1, store):
+    b = x0.shape[0]
+    a = np.full(b, 1.0 / b)
+    plan = ot.emd(a, a, full_cost(x0, x1), numItermax=10**10)
+    j = torch.from_numpy(plan.argmax(1))
+    return x0, x1[j]
+
+
+def run_scipy(x0, x1, store):
+    _, j = linear_sum_assignment(full_cost(x0, x1))
+    return x0, x1[torch.from_numpy(j)]
+
+
+def run_ours(x0, x1, store, coupler=ExactOTCoupler("auto")):
+    out = coupler.pair(x0, x1)
+    store.update(solver=coupler.choose_solver(x0.shape[0], x1.shape[0], x0[0].numel()))
+    return out
+
+
+METHODS = {"ours": run_ours, "torchcfm": run_torchcfm, "pot": run_pot, "scipy": run_scipy}
+
+
+def interleaved(methods: dict, x0, x1, reps: int, max_seconds: float, seed: int):
+    """Median-ready times, last outputs and per-method stores, methods shuffled within each repetition."""
+    times = {m: [] for m in methods}
+    stores = {m: {} for m in methods}
+    outs = {}
+    rng = random.Random(seed)
+    for _ in range(reps):
+        order = list(methods)
+        rng.shuffle(order)
+        for m in order:
+            if times[m] and sum(times[m]) > max_seconds:
+                continue  # a slow method keeps the repetitions it had
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                t = time.perf_counter()
+                outs[m] = methods[m](x0, x1, stores[m])
+                times[m].append(time.perf_counter() - t)
+    return times, outs, stores
+
+
+def bench_cell(b: int, d: int, reps: int, max_seconds: float, seed: int, with_scipy: bool = True) -> dict:
+    x0, x1 = make_batch(b, d, seed)
+    methods = {m: f for m, f in METHODS.items() if with_scipy or m != "scipy"}
+    times, outs, stores = interleaved(methods, x0, x1, reps, max_seconds, seed)
+    c = full_cost(x0, x1)
+    pair_cost = {m: float(((o[0].double() - o[1].double()) ** 2).sum(1).mean()) for m, o in outs.items()}
+    opt = min(v for m, v in pair_cost.items() if m != "torchcfm")
+    tc = stores["torchcfm"]
+    return {
+        "B": b, "d": d, "solver": stores["ours"]["solver"],
+        "ms": {m: 1e3 * statistics.median(times[m]) if times.get(m) else float("nan") for m in METHODS},
+        "n": {m: len(times.get(m, ())) for m in METHODS},
+        "tc_gap": (float((tc["pi"] * c).sum()) - opt) / opt,
+        "tc_dup": 1.0 - len(np.unique(tc["i"])) / b,
+        "ours_gap": (pair_cost["ours"] - opt) / opt,
+    }
+
+
+def crossover_cell(b: int, d: int, reps: int, max_seconds: float, seed: int) -> dict:
+    """Our two backends on one batch: where ``auto`` should switch from POT to scipy."""
+    x0, x1 = make_batch(b, d, seed)
+    methods = {k: (lambda x, y, store, c=ExactOTCoupler(k): c.pair(x, y)) for k in ("scipy", "pot")}
+    times, _, _ = interleaved(methods, x0, x1, reps, max_seconds, seed)
+    return {"B": b, "d": d, **{k: 1e3 * statistics.median(v) for k, v in times.items()}}
+
+
+def crossover_table(rows: list[dict]) -> str:
+    head = "| B | d | ours scipy ms | ours POT ms | scipy / POT |\n|---:|---:|---:|---:|---:|\n"
+    return head + "\n".join(f"| {r['B']} | {r['d']} | {r['scipy']:.1f} | {r['pot']:.1f} | {r['scipy'] / r['pot']:.2f} |"
+                             for r in rows) + "\n"
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| B | d | ours (backend) ms | torchcfm ms | POT emd ms | scipy LSA ms | torchcfm / ours "
+            "| torchcfm cost gap | torchcfm duplicates | ours cost gap | reps (ours, torchcfm, POT, scipy) |\n"
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n")
+    lines = []
+    for r in rows:
+        ms, n = r["ms"], r["n"]
+        lines.append(f"| {r['B']} | {r['d']} | {ms['ours']:.1f} ({r['solver']}) | {ms['torchcfm']:.1f} | "
+                     f"{ms['pot']:.1f} | {ms['scipy']:.1f} | {ms['torchcfm'] / ms['ours']:.2f}x | "
+                     f"{r['tc_gap']:.1e} | {100 * r['tc_dup']:.1f}% | {r['ours_gap']:.0e} | "
+                     f"{n['ours']}, {n['torchcfm']}, {n['pot']}, {n['scipy']} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: B in {128, 256}, d in {2, 64}, 2 reps")
+    parser.add_argument("--batch-sizes", type=int, nargs="+")
+    parser.add_argument("--dims", type=int, nargs="+")
+    parser.add_argument("--max-seconds", type=float, default=30.0,
+                        help="stop repeating a method in a cell once its calls there exceed this many seconds")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; 1 by default: on a shared 2-core machine two spinning OpenMP threads "
+                             "made a 256 x 784 matmul 10x slower than one thread")
+    parser.add_argument("--scipy-below", type=int, default=4096,
+                        help="time the scipy reference only for B below this (it is the slowest at large B)")
+    parser.add_argument("--crossover-batch-sizes", type=int, nargs="*",
+                        help="batch sizes of the scipy-vs-POT crossover table (default 256 1024; none: skip)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, help="markdown file for the table (full mode default: "
+                        "benchmarks/results/couplers.md; quick mode: none)")
+    args = parser.parse_args(argv)
+    bs = args.batch_sizes or ((128, 256) if args.quick else FULL_B)
+    ds = args.dims or ((2, 64) if args.quick else FULL_D)
+    output = args.output or (None if args.quick else Path(__file__).parent / "results" / "couplers.md")
+    torch.set_num_threads(args.threads)
+    np.random.seed(args.seed)  # torchcfm samples its pairs with the global numpy RNG
+    command = "python benchmarks/couplers.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    header = (f"# Exact minibatch couplers\n\nCommand: `{command.strip()}`  \nDate: {datetime.date.today()}  \n"
+              f"torch {torch.__version__}, POT {ot.__version__}, {torch.get_num_threads()} torch threads. "
+              "Median wall time per call, tensors in to re-paired tensors out, methods interleaved. "
+              "Cost gap: (cost - optimum) / optimum, optimum = the best of ours, POT emd and scipy "
+              "(each run with no iteration cap). Duplicates: share of torchcfm's returned pairs whose "
+              "source was already returned.\n\n")
+    cross_b = args.crossover_batch_sizes or ((128,) if args.quick else CROSS_B)
+    cross, rows = [], []
+
+    def write() -> str:
+        text = header + table(rows)
+        if cross:
+            text += ("\n## auto: scipy against POT inside ot-cfm (same timing rules)\n\n" + crossover_table(cross))
+        if output is not None:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(text)
+        return text
+
+    for b in cross_b:
+        for d in (CROSS_D[:3] if args.quick else CROSS_D):
+            cross.append(crossover_cell(b, d, 2 if args.quick else 5, args.max_seconds, args.seed))
+            print(crossover_table(cross[-1:]).splitlines()[-1], flush=True)
+            write()
+    for b in bs:
+        for d in ds:
+            if b >= 4096 and not args.batch_sizes and d not in FULL_4096_D:
+                continue
+            reps = 2 if args.quick else FULL_REPS.get(b, 3)
+            rows.append(bench_cell(b, d, reps, args.max_seconds, args.seed, with_scipy=b < args.scipy_below))
+            print(table(rows[-1:]).splitlines()[-1], flush=True)
+            write()
+    print(write())
+
+
+if __name__ == "__main__":
+    main()
