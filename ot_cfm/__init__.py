@@ -1,0 +1,23 @@
+"""ot-cfm: minibatch optimal-transport conditional flow matching.
+
+Data flow: a coupler re-pairs noise x0 with data x1; the matcher draws t and builds x_t and
+u_t; the Trainer fits a model v(t, x); ``sample`` integrates v from noise to data (torchdyn).
+"""
+
+from ot_cfm import data, metrics
+from ot_cfm.couplers import (Coupler, ExactOTCoupler, IndependentCoupler, SemidiscreteCoupler,
+                             SinkhornCoupler)
+from ot_cfm.evaluation import SampleQuality, evaluate_samples
+from ot_cfm.matcher import ConditionalFlowMatcher, FlowSample, OTConditionalFlowMatcher
+from ot_cfm.models import MLP
+from ot_cfm.sampling import SampleResult, sample
+from ot_cfm.trainer import TrainConfig, Trainer, TrainResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Coupler", "ExactOTCoupler", "SinkhornCoupler", "IndependentCoupler", "SemidiscreteCoupler",
+    "ConditionalFlowMatcher", "OTConditionalFlowMatcher", "FlowSample",
+    "MLP", "sample", "SampleResult", "Trainer", "TrainConfig", "TrainResult",
+    "SampleQuality", "evaluate_samples", "data", "metrics",
+]

@@ -1,0 +1,9 @@
+"""Minibatch couplers: re-pair a noise batch with a data batch before flow matching."""
+
+from ot_cfm.couplers.base import Coupler
+from ot_cfm.couplers.exact import ExactOTCoupler
+from ot_cfm.couplers.independent import IndependentCoupler
+from ot_cfm.couplers.semidiscrete import SemidiscreteCoupler
+from ot_cfm.couplers.sinkhorn import SinkhornCoupler
+
+__all__ = ["Coupler", "ExactOTCoupler", "SinkhornCoupler", "IndependentCoupler", "SemidiscreteCoupler"]
