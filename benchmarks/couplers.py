@@ -21,6 +21,9 @@ import time
 import warnings
 from pathlib import Path
 
+if not __package__:  # run as a file: put the repository root first, not this folder (its proximal.py)
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import numpy as np
 import ot
 import torch
@@ -35,8 +38,8 @@ FULL_D = (2, 64, 784, 3072)
 FULL_REPS = {128: 9, 256: 9, 512: 7, 1024: 5, 2048: 3, 4096: 1}
 # B = 4096: one repetition, d in {2, 784} only, no scipy reference (it took 40 to 80 s per call at B = 2048)
 FULL_4096_D = (2, 784)
-CROSS_B = (256, 1024)
-CROSS_D = (2, 4, 8, 16, 32, 64)
+CROSS_B = (128, 256, 512, 1024, 2048)
+CROSS_D = (2, 4, 8, 16, 64, 784)
 
 
 def make_batch(b: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -75,7 +75,7 @@ class MLP(nn.Module):
 def unet(shape: tuple[int, int, int], channels: int = 32, res_blocks: int = 1, num_classes: int | None = None,
          **kwargs) -> nn.Module:
     """torchcfm's UNet for images of shape (C, H, W), called as ``model(t, x)`` like every field here."""
-    from torchcfm.models.unet import UNetModelWrapper
+    from torchcfm.models.unet.unet import UNetModelWrapper
 
     return UNetModelWrapper(dim=tuple(shape), num_channels=channels, num_res_blocks=res_blocks,
                             num_classes=num_classes, class_cond=num_classes is not None, **kwargs)

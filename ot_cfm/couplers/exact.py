@@ -32,12 +32,14 @@ BACKENDS = ("auto", "scipy", "pot")
 # early at B = 2048 and returns a suboptimal plan with only a warning); a hit still raises.
 _EMD_MAX_ITER = 10**10
 
-# `auto` rule, from benchmarks/results/couplers.md (2-core CPU, one torch thread, medians of
-# interleaved runs). scipy / POT time ratio inside ot-cfm at B = 1024: d = 2: 2.86, d = 4: 1.33,
-# d = 8: 0.93, d = 16: 0.59, d = 32: 0.46, d = 64: 0.48; at B = 256: 1.17 at d = 2, below 0.62 from
-# d = 4. The low-dimensional penalty of scipy grows with B (d = 2, B = 2048: 23.6 s against 2.2 s).
-# At high d scipy on -<x, y> wins clearly (d = 784, B = 2048: 1.9 s against POT's 5.9 s).
-_SCIPY_MIN_DIM = 16
+# `auto` rule, from the crossover table of benchmarks/couplers.py (2 cores, one torch thread, medians;
+# scipy on -<x, y> against POT on the full cost, ms): B = 256: d = 2: 11 vs 18, d = 8: 6 vs 17,
+# d = 784: 2.2 vs 18.5; B = 512: d = 2: 86 vs 58, d = 8: 25 vs 76; B = 1024: d = 2: 673 vs 288,
+# d = 8: 241 vs 431, d = 784: 87 vs 443; B = 2048: d = 2: 6138 vs 1498, d = 8: 1693 vs 2416.
+# scipy wins for small batches at any dimension and from d = 8 at any batch size; POT's network
+# simplex wins on large low-dimensional batches, where scipy's augmenting paths grow long.
+_SCIPY_MAX_BATCH_ANY_DIM = 256
+_SCIPY_MIN_DIM = 8
 
 
 def _solve_on_cpu(cost: torch.Tensor, solver: str) -> torch.Tensor:
@@ -65,8 +67,8 @@ class ExactOTCoupler(Coupler):
 
     Args:
         backend: ``"scipy"`` (``linear_sum_assignment``, equal batch sizes), ``"pot"`` (``ot.emd``),
-            or ``"auto"``: scipy when the flattened dimension is at least 16, else POT; POT whenever
-            the batch sizes differ.
+            or ``"auto"``: scipy when the flattened dimension is at least 8 or the batch has at most
+            256 points, else POT; POT whenever the batch sizes differ.
 
     ``indices`` for B0 == B1: a permutation, deterministic (the generator is unused).
     ``indices`` for B0 != B1: every source once (i = 0..B0-1), its target drawn from its row of the
@@ -89,7 +91,7 @@ class ExactOTCoupler(Coupler):
                 raise ValueError(f"backend 'scipy' needs equal batch sizes, got {b0} and {b1}; use 'pot' or 'auto'")
             return "pot"
         if self.backend == "auto":
-            return "scipy" if dim >= _SCIPY_MIN_DIM else "pot"
+            return "scipy" if dim >= _SCIPY_MIN_DIM or b0 <= _SCIPY_MAX_BATCH_ANY_DIM else "pot"
         return self.backend
 
     def _solve(self, x0: torch.Tensor, x1: torch.Tensor) -> tuple[str, torch.Tensor]:
