@@ -142,27 +142,38 @@ class DiscreteBrenierPotential(BrenierPotential):
         cols = min(self.n_support, max(self.block_size // min(batch, 4096), math.isqrt(self.block_size)))
         return min(batch, max(1, self.block_size // cols)), cols
 
+    def _lifted_support(self, x: torch.Tensor) -> torch.Tensor:
+        """``[-2 y_j; g_j; |y_j|^2]`` as a (d + 2, N) matrix on x's device and dtype (cached; the
+        transpose of a contiguous (N, d + 2) matrix, so that column blocks are contiguous)."""
+        key = ("lifted_support", x.device, x.dtype)
+        if key not in self._cache:
+            y = self.support
+            lifted = torch.cat([-2 * y, self.dual_weights[:, None], y.square().sum(1)[:, None]], 1)
+            self._cache[key] = lifted.to(device=x.device, dtype=x.dtype).contiguous().T
+        return self._cache[key]
+
     @torch.no_grad()
     def assign(self, x: torch.Tensor, t: float | torch.Tensor = 0.0) -> torch.Tensor:
         """Index ``j*(x, t)`` of the support point reached through x at time t: (B, d) -> (B,) long.
 
         ``t`` is a float or (B,) tensor in [0, 1]; t = 0 gives the Laguerre cell of x, t = 1 the
-        nearest support point.
+        nearest support point. Scores ``[x, 2(1-t), t] @ [-2 y; g; |y|^2]``, one product per block.
         """
         self._check_points(x)
         t = check_time(t, x)
-        y = self._param("support", x)
-        g = self._param("dual_weights", x)
-        sq = self._param("squared_norms", x)
-        rows, cols = self._blocks(x.shape[0])
-        # score = [x, 2(1-t), t] . [-2 y_j, g_j, |y_j|^2]: one matrix product per block
+        support = self._lifted_support(x)
         lifted = torch.cat([x, 2 * (1 - t[:, None]), t[:, None]], 1)
+        rows, cols = self._blocks(x.shape[0])
+        if cols >= self.n_support:  # one column block: argmin per row block, no merging
+            return torch.cat([(lifted[r:r + rows] @ support).argmin(1) for r in range(0, x.shape[0], rows)])
         best_val = torch.full((x.shape[0],), torch.inf, dtype=x.dtype, device=x.device)
         best_idx = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        buffer = torch.empty(rows * cols, dtype=x.dtype, device=x.device)  # reused by every block
         for c in range(0, self.n_support, cols):
-            lifted_support = torch.cat([-2 * y[c:c + cols], g[c:c + cols, None], sq[c:c + cols, None]], 1)
+            block = support[:, c:c + cols]
             for r in range(0, x.shape[0], rows):
-                val, idx = (lifted[r:r + rows] @ lifted_support.T).min(1)
+                out = buffer[:min(rows, x.shape[0] - r) * block.shape[1]].view(-1, block.shape[1])
+                val, idx = torch.mm(lifted[r:r + rows], block, out=out).min(1)
                 better = val < best_val[r:r + rows]
                 best_val[r:r + rows] = torch.where(better, val, best_val[r:r + rows])
                 best_idx[r:r + rows] = torch.where(better, idx + c, best_idx[r:r + rows])

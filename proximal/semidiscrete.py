@@ -135,16 +135,18 @@ _TOP_K = 8  # soft assignments are kept on each sample's 8 best cells
 
 @torch.no_grad()
 def _batch_pass(y: torch.Tensor, g: torch.Tensor, draws: tuple[Callable, Callable], n: int, chunk: int,
-                eps: float | None = None, hessian_samples: int = 2 ** 16) -> _Pass:
-    """Scores ``<x, y_j> - g_j`` of n fresh samples (two halves, in chunks).
+                eps: float | None = None, hessian_samples: int = 2 ** 16, soft: bool = True) -> _Pass:
+    """Scores ``s = <x, y_j> - g_j`` of n fresh samples (two halves, in chunks).
 
-    Always: hard cell counts and sums. With ``eps``: soft counts ``sum_x softmax_j(s / eps)`` on the
-    top-k cells, and on the first ``hessian_samples`` samples the Laplacian ``diag(sum p) - sum p p^T``.
+    Always: hard cell counts (argmax of s) and sums. With ``eps``: the Laplacian
+    ``diag(sum p) - sum p p^T`` of ``p = softmax_j(s / eps)`` on the top-k cells of the first
+    ``hessian_samples`` samples, and if ``soft``, the soft counts ``sum_x p`` over all samples.
+    Only rows that need soft assignments pay for a top-k; the others take a max.
     """
     num = y.shape[0]
     k = min(_TOP_K, num)
     counts = torch.zeros(2, num, dtype=torch.float64, device=y.device)
-    soft = torch.zeros(num, dtype=torch.float64, device=y.device) if eps is not None else None
+    soft_counts = torch.zeros(num, dtype=torch.float64, device=y.device) if eps is not None and soft else None
     pair_weights = torch.zeros(num * num, dtype=torch.float64, device=y.device) if eps is not None else None
     best_score = square_norm = 0.0
     gap_scale, seen = None, 0
@@ -153,18 +155,27 @@ def _batch_pass(y: torch.Tensor, g: torch.Tensor, draws: tuple[Callable, Callabl
         for start in range(0, n // 2, chunk):
             x = draw(min(chunk, n // 2 - start))
             scores = torch.addmm(neg_g, x, yt)
-            top, idx = scores.topk(k, dim=1)
+            square_norm += float(x.square().sum(dtype=torch.float64))
+            # rows [0, ranked) need their top-k scores: all of them for soft counts, else the Hessian's
+            ranked = x.shape[0] if soft_counts is not None or gap_scale is None else \
+                (min(x.shape[0], hessian_samples - seen) if pair_weights is not None else 0)
+            best, arg = scores[ranked:].max(1)
+            counts[half] += torch.bincount(arg, minlength=num)
+            best_score += float(best.sum(dtype=torch.float64))
+            if ranked == 0:
+                continue
+            top, idx = scores[:ranked].topk(k, dim=1)
             counts[half] += torch.bincount(idx[:, 0], minlength=num)
             best_score += float(top[:, 0].sum(dtype=torch.float64))
-            square_norm += float(x.square().sum(dtype=torch.float64))
             if gap_scale is None:
                 gap_scale = float((top[:, 0] - top[:, -1]).median()) if k > 1 else 1.0
             if eps is None:
                 continue
             p = torch.softmax((top - top[:, :1]).double() / eps, dim=1)
-            soft.index_add_(0, idx.flatten(), p.flatten())
-            if seen < hessian_samples:
-                take = min(x.shape[0], hessian_samples - seen)
+            if soft_counts is not None:
+                soft_counts.index_add_(0, idx.flatten(), p.flatten())
+            take = max(0, min(ranked, hessian_samples - seen))
+            if take:
                 keys = (idx[:take, :, None] * num + idx[:take, None, :]).flatten()
                 pair_weights.index_add_(0, keys, (p[:take, :, None] * p[:take, None, :]).flatten())
                 seen += take
@@ -172,7 +183,7 @@ def _batch_pass(y: torch.Tensor, g: torch.Tensor, draws: tuple[Callable, Callabl
     if eps is not None:
         pair = pair_weights.reshape(num, num)
         hessian = (torch.diag(pair.sum(1)) - pair) / (eps * max(seen, 1))
-    return _Pass(counts, n, best_score, square_norm, gap_scale or 1.0, soft, hessian)
+    return _Pass(counts, n, best_score, square_norm, gap_scale or 1.0, soft_counts, hessian)
 
 
 def _newton_direction(hessian: torch.Tensor, residual: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
@@ -254,9 +265,10 @@ def fit_discrete_potential(support: torch.Tensor, weights: torch.Tensor | None =
         from tqdm.auto import tqdm
         bar = tqdm(total=None, desc=f"semidiscrete {method}", unit="step")
     history, samples, clock = [], 0, time.perf_counter()
-    eps, converged = None, False
+    eps, eps_start, converged = None, None, False
     for it in range(max_iters):
-        passed = _batch_pass(y, g, draws, batch, chunk, eps)
+        hard = eps is not None and eps <= eps_start / 2 ** _ENTROPIC_STAGES
+        passed = _batch_pass(y, g, draws, batch, chunk, eps, soft=not hard)
         samples += batch
         tv, noise = passed.tv(w)
         seconds = time.perf_counter() - clock
@@ -276,7 +288,6 @@ def fit_discrete_potential(support: torch.Tensor, weights: torch.Tensor | None =
             # Path following on the entropic dual: Newton steps limited to TRUST * eps per coordinate;
             # eps is halved after every unlimited step, down to eps_start / 2^STAGES; from there the
             # residual is the hard mass error and the entropic Laplacian is the curvature.
-            hard = eps <= eps_start / 2 ** _ENTROPIC_STAGES
             residual = passed.masses - w if hard else passed.soft_counts / passed.n - w
             delta = _newton_direction(passed.hessian, residual, _FLOOR * w / eps)
             delta -= delta.mean()

@@ -32,13 +32,13 @@ BACKENDS = ("auto", "scipy", "pot")
 # early at B = 2048 and returns a suboptimal plan with only a warning); a hit still raises.
 _EMD_MAX_ITER = 10**10
 
-# `auto` rule, from the crossover table of benchmarks/couplers.py (2 cores, one torch thread, medians;
-# scipy on -<x, y> against POT on the full cost, ms): B = 256: d = 2: 11 vs 18, d = 8: 6 vs 17,
-# d = 784: 2.2 vs 18.5; B = 512: d = 2: 86 vs 58, d = 8: 25 vs 76; B = 1024: d = 2: 673 vs 288,
-# d = 8: 241 vs 431, d = 784: 87 vs 443; B = 2048: d = 2: 6138 vs 1498, d = 8: 1693 vs 2416.
-# scipy wins for small batches at any dimension and from d = 8 at any batch size; POT's network
-# simplex wins on large low-dimensional batches, where scipy's augmenting paths grow long.
-_SCIPY_MAX_BATCH_ANY_DIM = 256
+# `auto` rule, from the crossover table in benchmarks/results/couplers.md (2 cores, one torch thread,
+# medians, ms, scipy on -<x, y> against POT on the full cost): B = 128: d = 2: 2.3 vs 3.6; B = 256:
+# d = 2: 14.0 vs 10.7, d = 8: 7.5 vs 18.2; B = 1024: d = 2: 728 vs 240, d = 8: 321 vs 389, d = 784:
+# 137 vs 529; B = 2048: d = 2: 10959 vs 1487. At d = 2 the winner depends on the data (on the toy
+# training batches, gaussian or 8gaussians -> moons at B = 256, POT took 17 ms and scipy 22 to 29 ms),
+# so POT keeps low dimensions above B = 128; from d = 8 scipy wins at every batch size.
+_SCIPY_MAX_BATCH_ANY_DIM = 128
 _SCIPY_MIN_DIM = 8
 
 
@@ -68,7 +68,7 @@ class ExactOTCoupler(Coupler):
     Args:
         backend: ``"scipy"`` (``linear_sum_assignment``, equal batch sizes), ``"pot"`` (``ot.emd``),
             or ``"auto"``: scipy when the flattened dimension is at least 8 or the batch has at most
-            256 points, else POT; POT whenever the batch sizes differ.
+            128 points, else POT; POT whenever the batch sizes differ.
 
     ``indices`` for B0 == B1: a permutation, deterministic (the generator is unused).
     ``indices`` for B0 != B1: every source once (i = 0..B0-1), its target drawn from its row of the
