@@ -42,19 +42,36 @@ _SCIPY_MAX_BATCH_ANY_DIM = 128
 _SCIPY_MIN_DIM = 8
 
 
-def _solve_on_cpu(cost: torch.Tensor, solver: str) -> torch.Tensor:
+def _check_weights(w: torch.Tensor | None, n: int, name: str) -> torch.Tensor | None:
+    """None, or (n,) finite non-negative masses summing to 1 (relative tolerance 1e-6), as float64."""
+    if w is None:
+        return None
+    w = torch.as_tensor(w).detach().to(torch.float64)
+    if w.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},), one mass per sample, got {tuple(w.shape)}")
+    if not torch.isfinite(w).all() or (w < 0).any():
+        raise ValueError(f"{name} must be finite and non-negative")
+    if abs(float(w.sum()) - 1.0) > 1e-6:
+        raise ValueError(f"{name} must sum to 1, got {float(w.sum()):.8g}")
+    return w
+
+
+def _solve_on_cpu(cost: torch.Tensor, solver: str, a: torch.Tensor | None = None,
+                  b: torch.Tensor | None = None) -> torch.Tensor:
     """Solve the assignment or transport problem for a (B0, B1) float64 cost on the CPU.
 
     The only place where numpy is seen. ``solver="scipy"`` returns the target index of each
-    source, shape (B0,); ``solver="pot"`` returns the optimal plan, shape (B0, B1), float64.
-    Both on ``cost``'s device. Raises RuntimeError if POT does not report an optimal solution.
+    source, shape (B0,); ``solver="pot"`` returns the optimal plan, shape (B0, B1), float64, for
+    masses a (B0,) and b (B1,) (uniform when None). Both on ``cost``'s device. Raises RuntimeError
+    if POT does not report an optimal solution.
     """
     c = cost.detach().cpu().numpy()
     if solver == "scipy":
         _, col = linear_sum_assignment(c)
         return torch.from_numpy(col).to(cost.device)
     b0, b1 = c.shape
-    a, b = np.full(b0, 1.0 / b0), np.full(b1, 1.0 / b1)
+    a = np.full(b0, 1.0 / b0) if a is None else a.cpu().numpy()
+    b = np.full(b1, 1.0 / b1) if b is None else b.cpu().numpy()
     plan, log = ot.emd(a, b, c, numItermax=_EMD_MAX_ITER, log=True)
     if log["result_code"] != 1:
         raise RuntimeError(f"POT emd did not reach an optimal plan (result_code {log['result_code']}: "
@@ -94,34 +111,43 @@ class ExactOTCoupler(Coupler):
             return "scipy" if dim >= _SCIPY_MIN_DIM or b0 <= _SCIPY_MAX_BATCH_ANY_DIM else "pot"
         return self.backend
 
-    def _solve(self, x0: torch.Tensor, x1: torch.Tensor) -> tuple[str, torch.Tensor]:
+    def _solve(self, x0: torch.Tensor, x1: torch.Tensor, weights0=None, weights1=None) -> tuple[str, torch.Tensor]:
         self.validate(x0, x1)
+        w0 = _check_weights(weights0, x0.shape[0], "weights0")
+        w1 = _check_weights(weights1, x1.shape[0], "weights1")
         a = x0.detach().reshape(x0.shape[0], -1).to(torch.float64)
         b = x1.detach().reshape(x1.shape[0], -1).to(torch.float64)
-        solver = self.choose_solver(a.shape[0], b.shape[0], a.shape[1])
+        weighted = w0 is not None or w1 is not None
+        if weighted and self.backend == "scipy":
+            raise ValueError("backend 'scipy' solves uniform assignments only; use 'pot' or 'auto' with weights")
+        solver = "pot" if weighted else self.choose_solver(a.shape[0], b.shape[0], a.shape[1])
         inner = a @ b.T
         if solver == "scipy":
             return solver, _solve_on_cpu(-inner, solver)
         cost = ((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * inner).clamp_min_(0.0)
-        return solver, _solve_on_cpu(cost, solver)
+        return solver, _solve_on_cpu(cost, solver, w0, w1)
 
-    def indices(self, x0: torch.Tensor, x1: torch.Tensor, *,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(i, j) of shape (B0,): i = arange(B0); j the optimal permutation (B0 == B1) or drawn from the plan."""
-        solver, out = self._solve(x0, x1)
+    def indices(self, x0: torch.Tensor, x1: torch.Tensor, *, generator: torch.Generator | None = None,
+                weights0: torch.Tensor | None = None,
+                weights1: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(i, j) of shape (B0,): i = arange(B0); j the optimal permutation (uniform, B0 == B1) or, for
+        unequal sizes or weighted batches, drawn from row i of the plan with ``generator``."""
+        solver, out = self._solve(x0, x1, weights0, weights1)
         i = torch.arange(x0.shape[0], device=x0.device)
         if solver == "scipy":
             return i, out
-        if x0.shape[0] == x1.shape[0]:
+        if x0.shape[0] == x1.shape[0] and weights0 is None and weights1 is None:
             j = out.argmax(dim=1)
             if torch.bincount(j, minlength=x1.shape[0]).max() != 1:
                 raise RuntimeError("POT emd returned an equal-size plan that is not a permutation")
             return i, j
         return i, sample_rows(out.log(), generator)
 
-    def plan(self, x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
-        """The optimal plan P of shape (B0, B1), entries summing to 1, in x0's dtype and on its device."""
-        solver, out = self._solve(x0, x1)
+    def plan(self, x0: torch.Tensor, x1: torch.Tensor, *, weights0: torch.Tensor | None = None,
+             weights1: torch.Tensor | None = None) -> torch.Tensor:
+        """The optimal plan P of shape (B0, B1) with marginals weights0, weights1 (uniform when None),
+        entries summing to 1, in x0's dtype and on its device."""
+        solver, out = self._solve(x0, x1, weights0, weights1)
         if solver == "scipy":
             n = x0.shape[0]
             p = torch.zeros(n, n, dtype=x0.dtype, device=x0.device)

@@ -282,3 +282,36 @@ def test_bad_input_raises_value_error_naming_the_problem(coupler, method):
 def test_sinkhorn_rejects_bad_parameters(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         SinkhornCoupler(**kwargs)
+
+
+# ---------------------------------------------------------------- exact, weighted batches
+
+
+def test_exact_weighted_plan_matches_pot_and_draws_follow_its_support():
+    x0, x1 = batches((12, 3), b1=9, seed=7)
+    g = torch.Generator().manual_seed(3)
+    w0 = torch.rand(12, generator=g, dtype=torch.float64) + 0.1
+    w1 = torch.rand(9, generator=g, dtype=torch.float64) + 0.1
+    w0, w1 = w0 / w0.sum(), w1 / w1.sum()
+    coupler = ExactOTCoupler()
+    p = coupler.plan(x0, x1, weights0=w0, weights1=w1).double()
+    torch.testing.assert_close(p.sum(1), w0, rtol=0, atol=1e-12)
+    torch.testing.assert_close(p.sum(0), w1, rtol=0, atol=1e-12)
+    expected = ot.emd2(w0.numpy(), w1.numpy(), sq_cost(x0, x1).numpy(), numItermax=10**8)
+    assert float((p * sq_cost(x0, x1)).sum()) == pytest.approx(expected, rel=1e-12)
+    i, j = coupler.indices(x0, x1, weights0=w0, weights1=w1, generator=torch.Generator().manual_seed(0))
+    assert bool((p[i, j] > 0).all())
+
+
+@pytest.mark.parametrize("weights, match", [(torch.full((5,), 0.1), "sum to 1"), (torch.tensor([1.5, -0.5, 0, 0, 0]), "non-negative"),
+                                            (torch.full((4,), 0.25), "shape")])
+def test_exact_bad_weights_raise(weights, match):
+    x0, x1 = batches((5, 2), seed=1)
+    with pytest.raises(ValueError, match=match):
+        ExactOTCoupler().plan(x0, x1, weights0=weights)
+
+
+def test_scipy_backend_refuses_weights():
+    x0, x1 = batches((4, 2), seed=1)
+    with pytest.raises(ValueError, match="uniform"):
+        ExactOTCoupler("scipy").plan(x0, x1, weights1=torch.full((4,), 0.25))
