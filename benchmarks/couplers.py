@@ -182,7 +182,10 @@ def main(argv: list[str] | None = None) -> None:
               "Cost gap: (cost - optimum) / optimum, optimum = the best of ours, POT emd and scipy "
               "(each run with no iteration cap). Duplicates: share of torchcfm's returned pairs whose "
               "source was already returned.\n\n")
-    cross_b = args.crossover_batch_sizes or ((128,) if args.quick else CROSS_B)
+    if args.crossover_batch_sizes is not None:  # given, possibly empty: skip the crossover table
+        cross_b = args.crossover_batch_sizes
+    else:
+        cross_b = (128,) if args.quick else CROSS_B
     cross, rows = [], []
 
     def write() -> str:

@@ -16,9 +16,10 @@ Methods:
   Laplacian ``L = E[diag(p) - p p^T] / eps``. Steps ``g <- g + L^+ (m_eps - w)``, scaled down to
   move no dual weight by more than ``2 eps``; eps starts at the median spread of the 8 best
   scores and halves after each unscaled step, 10 times; then the residual is the hard mass
-  error ``m - w`` with the last Laplacian as curvature. A Levenberg-Marquardt floor ``0.05 w / eps``
-  on the diagonal keeps empty cells finite. The batch doubles whenever the error is at the noise
-  level, so the last batches dominate the cost.
+  error ``m - w`` with the last Laplacian as curvature (estimated, in the hard stage, on the
+  first 2^16 samples of each batch: only those pay for a top-k, the rest for an argmax). A
+  Levenberg-Marquardt floor ``0.05 w / eps`` on the diagonal keeps empty cells finite. The batch
+  doubles whenever the error is at the noise level, so the last batches dominate the cost.
   ``"sgd"`` (baseline): stochastic gradient steps ``g <- g + gamma_k s (m - w) / (m + w)``
   (``s`` the score spread, ``gamma_k = 0.5 / sqrt(1 + k / 10)``) with the same batch growth.
 

@@ -140,3 +140,20 @@ def test_bad_calls_raise():
                  lambda: potential.assign(x, torch.zeros(4, dtype=F64))]:
         with pytest.raises(ValueError):
             call()
+
+
+def test_single_and_multiple_column_blocks_match_brute_force_in_both_dtypes():
+    # One column block (argmin per row block) and several column blocks (running min) against the
+    # explicit rule, with the lifted support cached per dtype.
+    single, multi = _potential(n=300, block_size=2 ** 30), _potential(n=300, block_size=1000)
+    assert single._blocks(257)[1] == 300 and multi._blocks(257)[1] < 300
+    y, g = single.support, single.dual_weights
+    x = _source(257, 3)
+    t = torch.rand(257, generator=torch.Generator().manual_seed(4), dtype=F64)
+    expected = (2 * (1 - t[:, None]) * g - 2 * x @ y.T + t[:, None] * y.square().sum(1)).argmin(1)
+    for dtype in (torch.float32, F64):
+        for potential in (single, multi):
+            agree = (potential.assign(x.to(dtype), t.to(dtype)) == expected).double().mean()
+            assert agree == 1.0 if dtype == F64 else agree > 0.99
+        assert single._lifted_support(x.to(dtype)).shape == (5, 300)
+        assert single._lifted_support(x.to(dtype)).dtype == dtype

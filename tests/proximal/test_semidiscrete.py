@@ -110,3 +110,42 @@ def test_returns_discrete_potential_with_centred_duals():
 def test_bad_inputs_raise(support, weights, kwargs, match):
     with pytest.raises(ValueError, match=match):
         fit_discrete_potential(support, weights, progress=False, **kwargs)
+
+
+def test_sphere_samples_in_3d():
+    # Uniform samples of S^2 in R^3 (a target on a manifold through the source's centre): every
+    # Laguerre cell is an unbounded cone-like region; the solver must still reach the tolerance.
+    y = torch.randn(200, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = y / y.norm(dim=1, keepdim=True)
+    fitted = fit_discrete_potential(y, tol=0.02, max_time=60, generator=0, progress=False)
+    assert fitted.fit_report.converged
+    _, tv = cell_masses(fitted, 2 ** 20, generator=5)
+    assert tv <= 0.02 + 3 * _mc_floor(200, 2 ** 20)
+
+
+def test_hard_counts_and_hessian_match_a_direct_computation():
+    # The pass ranks (top-k) only the rows that need soft weights; counts and the Laplacian must not depend on it.
+    gen = torch.Generator().manual_seed(1)
+    y = torch.randn(30, 2, generator=gen, dtype=torch.float64)
+    g = 0.3 * torch.randn(30, generator=gen, dtype=torch.float64)
+    x = torch.randn(1000, 2, generator=gen, dtype=torch.float64)
+    eps = 0.2
+
+    def pass_(soft, chunk):
+        halves = iter(x.split(chunk))
+        return _batch_pass(y, g, (lambda n: next(halves),) * 2, 1000, chunk, eps, hessian_samples=300, soft=soft)
+
+    scores = x @ y.T - g
+    expected_counts = torch.bincount(scores.argmax(1), minlength=30).double()
+    top, idx = scores[:300].topk(8, dim=1)
+    p = torch.zeros(300, 30, dtype=torch.float64).scatter(1, idx, torch.softmax(top / eps, 1))
+    expected_hessian = (torch.diag(p.sum(0)) - p.T @ p) / (eps * 300)
+    for soft in (True, False):
+        passed = pass_(soft, 100)
+        torch.testing.assert_close(passed.counts.sum(0), expected_counts, atol=0, rtol=0)
+        torch.testing.assert_close(passed.hessian, expected_hessian, atol=1e-12, rtol=0)
+        assert passed.best_score == pytest.approx(float(scores.max(1).values.sum()), rel=1e-12)
+    full = torch.zeros(1000, 30, dtype=torch.float64).scatter(
+        1, (ix := scores.topk(8, dim=1).indices), torch.softmax(scores.gather(1, ix) / eps, 1))
+    torch.testing.assert_close(pass_(True, 100).soft_counts, full.sum(0), atol=1e-12, rtol=0)
+    assert pass_(False, 100).soft_counts is None
