@@ -23,16 +23,7 @@ def load_script(relative: str):
     return module
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on shared cores they slow them down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_toy_training_benchmark_quick(tmp_path, one_thread):
+def test_toy_training_benchmark_quick(tmp_path):
     bench = load_script("benchmarks/toy_training.py")
     report, results = tmp_path / "toy.md", tmp_path / "toy.json"
     assert bench.main(["--quick", "--out", str(report), "--json", str(results)]) == 0
@@ -53,7 +44,7 @@ def test_toy_training_benchmark_quick(tmp_path, one_thread):
     assert variants["ours"]["w2"]["dopri5"] < 1.3 * variants["torchcfm"]["w2"]["dopri5"]
 
 
-def test_toy_2d_quick(tmp_path, one_thread):
+def test_toy_2d_quick(tmp_path):
     toy = load_script("examples/toy_2d.py")
     figure = tmp_path / "toy.png"
     results = toy.run(["--quick", "--figure", str(figure)])
@@ -67,7 +58,7 @@ def test_toy_2d_quick(tmp_path, one_thread):
     assert ot.w2["euler-1"] < 0.6 * ind.w2["euler-1"]
 
 
-def test_images_quick(tmp_path, one_thread):
+def test_images_quick(tmp_path):
     images = load_script("examples/images.py")
     result = images.run(["--quick", "--out", str(tmp_path / "runs"), "--figures", str(tmp_path / "figures")])
     assert result["figure"].stat().st_size > 10_000 and "| OT-CFM |" in result["table"].read_text()

@@ -13,14 +13,6 @@ def example():
     return experiment
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_quick_example_runs_and_writes_results(example, tmp_path):
     reports = example.run(quick=True, out_dir=tmp_path)
     assert {"exact/sphere", "exact/cylinder", "exact/torus", "learned/sphere", "learned/torus",

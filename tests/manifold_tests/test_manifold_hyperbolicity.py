@@ -24,15 +24,6 @@ MANIFOLDS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small batched kernels run much faster on one thread when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def exact(manifold):
     return ExactVelocityField(manifold.potential())
 
