@@ -259,7 +259,12 @@ def fit_discrete_potential(support: torch.Tensor, weights: torch.Tensor | None =
     batch = 2 ** math.ceil(math.log2(batch_size or max(2 ** 14, 16 * num)))
     draws = tuple(_stream(source, dim, generator, qmc, y.device, y.dtype) for _ in range(2))
 
-    g = y.to(torch.float64).square().sum(1) / 2  # Voronoi cells to start
+    # Start from the Voronoi cells of the support normalised by a shift b and a scalar scale a (mean square
+    # coordinate 1, like the source): <x, y_j> - g_j ranks j as a (<x, z_j> - |z_j|^2 / 2) + <x, b> does,
+    # with z = (y - b) / a. Unnormalised Voronoi cells of a wide or off-centre support leave most cells empty.
+    centred = y.to(torch.float64) - (w @ y.to(torch.float64))
+    scale = float((w @ centred.square().sum(1)) / dim) ** 0.5
+    g = centred.square().sum(1) / (2 * max(scale, 1e-12))
     g -= g.mean()
     bar = None
     if progress:

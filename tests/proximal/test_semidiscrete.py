@@ -149,3 +149,17 @@ def test_hard_counts_and_hessian_match_a_direct_computation():
         1, (ix := scores.topk(8, dim=1).indices), torch.softmax(scores.gather(1, ix) / eps, 1))
     torch.testing.assert_close(pass_(True, 100).soft_counts, full.sum(0), atol=1e-12, rtol=0)
     assert pass_(False, 100).soft_counts is None
+
+
+def test_scaled_and_shifted_support_gives_the_same_cells():
+    # With y = a z + b (a > 0 scalar) the Laguerre cells of z with duals g are those of y with a g:
+    # both fits must converge and agree on the cell of almost every source point.
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(120, 2, generator=g, dtype=torch.float64) * torch.tensor([1.0, 0.4], dtype=torch.float64)
+    y = 3.0 * z + torch.tensor([5.0, -3.0], dtype=torch.float64)
+    fit_z = fit_discrete_potential(z, tol=0.01, max_time=60, generator=0, progress=False)
+    fit_y = fit_discrete_potential(y, tol=0.01, max_time=60, generator=0, progress=False)
+    assert fit_z.fit_report.converged and fit_y.fit_report.converged
+    x = torch.randn(20000, 2, generator=g, dtype=torch.float64)
+    agree = (fit_z.assign(x) == fit_y.assign(x)).double().mean()
+    assert agree > 0.95
