@@ -33,6 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+if not __package__:  # run as a file: put the repository root first, not this folder (its proximal.py)
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import numpy as np
 import torch
 from torch import nn
