@@ -270,6 +270,8 @@ def _atomic_write(path: Path, write: Callable, *, binary: bool = False) -> None:
 
 def _cell_spec(cell: Cell, target: Target, config: ExperimentConfig) -> dict:
     spec = {"cell": asdict(cell), "config": asdict(config), "target_note": target.note}
+    if target.fit:  # identifies a fitted potential: a refit (another solver, another budget) gives other cells
+        spec["target_fit"] = target.fit
     if cell.coupler == "trained":
         return spec
     for name in ("train_steps", "train_lr", "train_width", "train_eval_n"):
