@@ -14,7 +14,6 @@ import json
 import math
 import os
 import signal
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
+from ot_cfm.atomic import atomic_write
 from ot_cfm.matcher import ConditionalFlowMatcher
 
 __all__ = ["TrainConfig", "TrainResult", "Trainer", "CHECKPOINT_NAME", "METRICS_NAME"]
@@ -217,16 +217,7 @@ class Trainer:
                  "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
                  "data_generator": self.data_generator.get_state(), "generator": self.generator.get_state()}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda f: torch.save(state, f), binary=True)
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Restore a checkpoint written by ``save_checkpoint``; raise ValueError if it comes from another configuration."""

@@ -22,7 +22,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from ot_cfm.atomic import atomic_write
 from ot_cfm.couplers.exact import ExactOTCoupler
 from ot_cfm.couplers.semidiscrete import SemidiscreteCoupler
 from ot_cfm.couplers.sinkhorn import SinkhornCoupler
@@ -141,7 +141,7 @@ def _fitted_target(name: str, support: torch.Tensor, cache_dir: Path, config: Ex
         report = potential.fit_report
         fit = {"tv": report.tv, "tv_noise": report.tv_noise, "converged": report.converged,
                "seconds": report.seconds, "cost": report.cost, "cost_lower_bound": report.cost_lower_bound}
-        _atomic_write(path, lambda f: torch.save({"support": support, "dual_weights": potential.dual_weights,
+        atomic_write(path, lambda f: torch.save({"support": support, "dual_weights": potential.dual_weights,
                                                   "fit": fit}, f), binary=True)
     return Target(name, potential, TensorSampler(support), note, fit)
 
@@ -254,20 +254,6 @@ def measure_cell(cell: Cell, target: Target, config: ExperimentConfig = Experime
 # -- running, caching -------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write: Callable, *, binary: bool = False) -> None:
-    """Write a file through a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _cell_spec(cell: Cell, target: Target, config: ExperimentConfig) -> dict:
     spec = {"cell": asdict(cell), "config": asdict(config), "target_note": target.note}
     if target.fit:  # identifies a fitted potential: a refit (another solver, another budget) gives other cells
@@ -307,7 +293,7 @@ def run_experiment(cells: Sequence[Cell], config: ExperimentConfig, cache_dir: s
             start = time.perf_counter()
             metrics = measure_cell(cell, target, config)
             stored = {"spec": spec, "metrics": metrics, "seconds": time.perf_counter() - start}
-            _atomic_write(path, lambda f: json.dump(stored, f, indent=1))
+            atomic_write(path, lambda f: json.dump(stored, f, indent=1))
         row = {**asdict(cell), "dim": target.dim, "seconds": stored["seconds"], **stored["metrics"]}
         rows.append(row)
         if on_cell is not None:
@@ -501,8 +487,8 @@ def write_outputs(rows: Sequence[dict], targets: dict[str, Target], out: str | o
         writer.writeheader()
         writer.writerows(csv_rows)
 
-    _atomic_write(paths[0], write_csv)
-    _atomic_write(paths[1], lambda f: f.write(_markdown(rows, targets, min_batch, header)))
+    atomic_write(paths[0], write_csv)
+    atomic_write(paths[1], lambda f: f.write(_markdown(rows, targets, min_batch, header)))
     note = ("mean over seeds, band min-max; dashed: fitted slope; squares: Sinkhorn; dotted: B = inf "
             "(absent when 0 or at round-off, < 1e-8)")
     coupling = _metrics(rows, "coupling")
