@@ -16,8 +16,8 @@ Methods:
   Laplacian ``L = E[diag(p) - p p^T] / eps``. Steps ``g <- g + L^+ (m_eps - w)``, scaled down to
   move no dual weight by more than ``2 eps``; eps starts at the median spread of the 8 best
   scores and halves after each unscaled step, 10 times; then the residual is the hard mass
-  error ``m - w`` with the last Laplacian as curvature (estimated, in the hard stage, on the
-  first 2^16 samples of each batch: only those pay for a top-k, the rest for an argmax). A
+  error ``m - w`` with the last Laplacian as curvature (estimated on the first 2^20 samples of
+  each batch; in the hard stage only those pay for a top-k, the rest for an argmax). A
   Levenberg-Marquardt floor ``0.05 w / eps`` on the diagonal keeps empty cells finite. The batch
   doubles whenever the error is at the noise level, so the last batches dominate the cost.
   ``"sgd"`` (baseline): stochastic gradient steps ``g <- g + gamma_k s (m - w) / (m + w)``
@@ -132,11 +132,12 @@ _TRUST = 2.0  # largest Newton move of a dual weight, in units of eps
 _FLOOR = 0.05  # curvature floor, in units of w_j / eps (that of a cell of mass w_j softened by eps)
 _DENSE_LIMIT = 4096  # largest N for the dense Newton systems
 _TOP_K = 8  # soft assignments are kept on each sample's 8 best cells
+_HESSIAN_SAMPLES = 2 ** 20  # samples of a batch whose top-k pairs feed the Laplacian (digits: 2^16 stalled)
 
 
 @torch.no_grad()
 def _batch_pass(y: torch.Tensor, g: torch.Tensor, draws: tuple[Callable, Callable], n: int, chunk: int,
-                eps: float | None = None, hessian_samples: int = 2 ** 16, soft: bool = True) -> _Pass:
+                eps: float | None = None, hessian_samples: int = _HESSIAN_SAMPLES, soft: bool = True) -> _Pass:
     """Scores ``s = <x, y_j> - g_j`` of n fresh samples (two halves, in chunks).
 
     Always: hard cell counts (argmax of s) and sums. With ``eps``: the Laplacian
@@ -274,7 +275,7 @@ def fit_discrete_potential(support: torch.Tensor, weights: torch.Tensor | None =
     eps, eps_start, converged = None, None, False
     for it in range(max_iters):
         hard = eps is not None and eps <= eps_start / 2 ** _ENTROPIC_STAGES
-        passed = _batch_pass(y, g, draws, batch, chunk, eps, soft=not hard)
+        passed = _batch_pass(y, g, draws, batch, chunk, eps, _HESSIAN_SAMPLES, soft=not hard)
         samples += batch
         tv, noise = passed.tv(w)
         seconds = time.perf_counter() - clock
