@@ -121,10 +121,9 @@ class ExactOTCoupler(Coupler):
         if weighted and self.backend == "scipy":
             raise ValueError("backend 'scipy' solves uniform assignments only; use 'pot' or 'auto' with weights")
         solver = "pot" if weighted else self.choose_solver(a.shape[0], b.shape[0], a.shape[1])
-        inner = a @ b.T
-        if solver == "scipy":
-            return solver, _solve_on_cpu(-inner, solver)
-        cost = ((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * inner).clamp_min_(0.0)
+        if solver == "scipy":  # negating a (B0, d) factor, not the (B0, B1) product: exact, one pass less
+            return solver, _solve_on_cpu((-a) @ b.T, solver)
+        cost = ((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)).clamp_min_(0.0)
         return solver, _solve_on_cpu(cost, solver, w0, w1)
 
     def indices(self, x0: torch.Tensor, x1: torch.Tensor, *, generator: torch.Generator | None = None,
