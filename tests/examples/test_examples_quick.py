@@ -104,3 +104,12 @@ def test_images_readers_on_tiny_local_files(tmp_path):
     assert train.shape == (10, 3, 32, 32) and test.shape == (2, 3, 32, 32)
     green = torch.from_numpy(rows[1, 1024:2048].reshape(32, 32).astype(np.float32) / 127.5 - 1)
     assert torch.equal(test[1, 1], green) and train.min() >= -1 and train.max() <= 1
+
+
+def test_assignment_warm_start_keeps_the_optimum():
+    """Column shifts (exact or half-batch duals) must leave scipy's optimal permutation unchanged."""
+    import subprocess
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/assignment_warm_start.py"), "--batch-sizes", "64",
+                          "--dims", "2", "8", "--reps", "1"], capture_output=True, text=True, check=True).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| 64 |")]
+    assert len(rows) == 2 and "another permutation" not in out
