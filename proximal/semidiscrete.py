@@ -275,7 +275,7 @@ def fit_discrete_potential(support: torch.Tensor, weights: torch.Tensor | None =
     eps, eps_start, converged = None, None, False
     for it in range(max_iters):
         hard = eps is not None and eps <= eps_start / 2 ** _ENTROPIC_STAGES
-        passed = _batch_pass(y, g, draws, batch, chunk, eps, _HESSIAN_SAMPLES, soft=not hard)
+        passed = _batch_pass(y, g, draws, batch, chunk, eps, soft=not hard)
         samples += batch
         tv, noise = passed.tv(w)
         seconds = time.perf_counter() - clock
