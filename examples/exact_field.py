@@ -40,6 +40,7 @@ from ot_cfm.data import TensorSampler, gaussian_sampler, toy_sampler
 from ot_cfm.evaluation import evaluate_samples
 from ot_cfm.matcher import ConditionalFlowMatcher
 from ot_cfm.models import MLP
+from ot_cfm.plotting import save_figure
 from ot_cfm.sampling import sample
 from ot_cfm.trainer import TrainConfig, Trainer
 from proximal.field import ExactVelocityField, field_error
@@ -190,9 +191,7 @@ def plot_field(path: Path, potential, traj: dict, resolution: int = 400, extent:
     axes[1].set_ylim(low[1].item(), high[1].item())
     for ax in axes:
         ax.set_aspect("equal")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 def plot_errors(path: Path, runs: dict) -> None:
@@ -215,9 +214,7 @@ def plot_errors(path: Path, runs: dict) -> None:
     ax.set_ylabel("E|v - u|^2 / E|u|^2 on the OT path")
     ax.set_title("field error against the exact field (mean, min-max band over seeds)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def plot_samples(path: Path, runs: dict, points) -> None:
@@ -240,9 +237,7 @@ def plot_samples(path: Path, runs: dict, points) -> None:
             ax.set_title(f"{method}, {solver} (NFE {run['nfe'][solver]}): W2 {run['w2'][solver]:.3f}")
         for ax in row:
             ax.set_aspect("equal")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 def to_markdown(args, argv, potential, mass_tv, traj, runs, exact_w2, seconds: dict) -> str:

@@ -32,6 +32,7 @@ from ot_cfm.data import TensorSampler, gaussian_sampler, load_digits
 from ot_cfm.matcher import ConditionalFlowMatcher
 from ot_cfm.metrics import wasserstein2
 from ot_cfm.models import MLP, unet
+from ot_cfm.plotting import save_figure
 from ot_cfm.sampling import sample
 from ot_cfm.trainer import TrainConfig, Trainer
 
@@ -133,11 +134,7 @@ def plot_grids(path: Path, images: dict, title: str, per_side: int = 8) -> None:
             ax.imshow(((grid + 1) / 2).squeeze(-1).numpy(), cmap="gray" if grid.shape[-1] == 1 else None)
             ax.set_title(f"{method}, {label}")
             ax.axis("off")
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, title=title, dpi=100)
 
 
 def to_markdown(w2: dict, nfe: dict, floor: float, noise: float, n: int, args, command: str) -> str:

@@ -24,6 +24,7 @@ from ot_cfm.data import TOY_DATASETS, toy_sampler
 from ot_cfm.evaluation import evaluate_samples
 from ot_cfm.matcher import ConditionalFlowMatcher
 from ot_cfm.models import MLP
+from ot_cfm.plotting import save_figure
 from ot_cfm.trainer import TrainConfig, Trainer
 
 METHODS = {"OT-CFM": ExactOTCoupler, "I-CFM": IndependentCoupler}
@@ -65,11 +66,7 @@ def plot(path: Path, results: dict, title: str, max_paths: int = 300) -> None:
         row[1].set_title(f"{name}: trajectories, NPE {quality.npe:.3f}")
         for ax in row:
             ax.set_aspect("equal")
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, title=title, dpi=100)
 
 
 def to_markdown(results: dict) -> str:

@@ -34,6 +34,7 @@ from manifold_tests.report import HyperbolicityReport
 from ot_cfm.couplers.exact import ExactOTCoupler
 from ot_cfm.matcher import ConditionalFlowMatcher
 from ot_cfm.models import MLP
+from ot_cfm.plotting import save_figure
 from ot_cfm.trainer import TrainConfig, Trainer
 from proximal.discrete import DiscreteBrenierPotential
 from proximal.field import ExactVelocityField
@@ -148,10 +149,7 @@ def plot_rates(reports: dict[str, HyperbolicityReport], path: Path) -> None:
         ax.set_xlabel(r"$s = -\log(1-t)$")
         ax.set_ylabel(label)
     axes[1].legend(fontsize=8)
-    fig.suptitle("Exact (solid) and learned (dashed) OT-CFM fields near manifold targets")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, title="Exact (solid) and learned (dashed) OT-CFM fields near manifold targets", dpi=120)
 
 
 def plot_empirical(reports: dict[str, HyperbolicityReport], path: Path) -> None:
@@ -175,9 +173,7 @@ def plot_empirical(reports: dict[str, HyperbolicityReport], path: Path) -> None:
     ax.set_ylabel(r"$\rho_T$ (finite differences at scale $1-t$)")
     ax.set_title("Tangential neutrality breaks when the samples are resolved")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def run(manifold: str | None = None, *, quick: bool = False, out_dir: str | Path | None = "examples/results",

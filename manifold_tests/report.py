@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from ot_cfm.plotting import save_figure
+
 __all__ = ["HyperbolicityReport"]
 
 
@@ -131,9 +133,5 @@ class HyperbolicityReport:
         bx.fill_between(s, ratio - std, ratio + std, alpha=0.2)
         bx.set_xlabel(r"$s = -\log(1-t)$")
         bx.set_ylabel(r"dist$(x_t, M)/(1-t)$")
-        fig.suptitle(title or f"{self.manifold}: along the {self.along}, {self.jacobian} Jacobian")
-        fig.tight_layout()
-        path = Path(path)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+        default = f"{self.manifold}: along the {self.along}, {self.jacobian} Jacobian"
+        return save_figure(fig, path, title=title or default, dpi=120)

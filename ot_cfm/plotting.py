@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["plot_flow_2d"]
+__all__ = ["plot_flow_2d", "save_figure"]
 
 
 def plot_flow_2d(path: str | Path, source: torch.Tensor, generated: torch.Tensor, target: torch.Tensor,
@@ -32,10 +32,21 @@ def plot_flow_2d(path: str | Path, source: torch.Tensor, generated: torch.Tensor
     axes[1].set_title("trajectories")
     for ax in axes:
         ax.set_aspect("equal")
-    fig.suptitle(title)
+    return save_figure(fig, path, title=title, dpi=120)
+
+
+def save_figure(fig, path: str | Path, *, title: str | None = None, dpi: int = 100) -> Path:
+    """Set the suptitle when given, tighten the layout, save to ``path`` (creating its folder), close ``fig``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if title is not None:
+        fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path

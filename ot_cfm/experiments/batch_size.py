@@ -36,6 +36,7 @@ from ot_cfm.couplers.semidiscrete import SemidiscreteCoupler
 from ot_cfm.couplers.sinkhorn import SinkhornCoupler
 from ot_cfm.data import TensorSampler, gaussian_sampler, load_digits, toy_sampler
 from ot_cfm.matcher import ConditionalFlowMatcher
+from ot_cfm.plotting import save_figure
 from proximal.discrete import DiscreteBrenierPotential
 from proximal.gaussian import GaussianPotential
 from proximal.grid import GridPotential
@@ -469,9 +470,7 @@ def _plot(rows: Sequence[dict], targets: dict[str, Target], metrics: Sequence[st
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def write_outputs(rows: Sequence[dict], targets: dict[str, Target], out: str | os.PathLike, *,
