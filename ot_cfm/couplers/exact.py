@@ -7,7 +7,9 @@ For batches x0 (B0, *shape) and x1 (B1, *shape) with uniform weights, the plan s
 Every feasible P has the same sum_ij P_ij (|x0_i|^2 + |x1_j|^2), so -<x0_i, x1_j> has the same
 optimum. The costs are built in float64 on the input's device from the flattened points; scipy's
 assignment solver gets -<x0_i, x1_j> (about 10x faster there than the full cost at B = 2048,
-d = 784), POT's network simplex the full squared distance (1.5x slower on -<x, y> at d = 2).
+d = 784), POT's network simplex the full squared distance (1.5x slower on -<x, y> at d = 2). The
+``multiscale`` backend (``ot_cfm.couplers.multiscale``) runs POT's network simplex on a sparse
+candidate graph and certifies optimality on the full one; it is the fastest at low dimension.
 
 For B0 == B1 the optimal extreme plan is a permutation (Birkhoff): ``indices`` returns every
 source and every target exactly once, unlike torchcfm's exact sampler, which draws B pairs with
@@ -22,24 +24,32 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from ot_cfm.couplers.base import Coupler, sample_rows
+from ot_cfm.couplers.multiscale import multiscale_assignment
 
 __all__ = ["ExactOTCoupler", "BACKENDS"]
 
-#: solver backends: scipy's ``linear_sum_assignment`` (equal sizes only) and POT's network simplex ``ot.emd``
-BACKENDS = ("auto", "scipy", "pot")
+#: solver backends: scipy's ``linear_sum_assignment`` and ``multiscale_assignment`` (equal sizes and
+#: uniform weights only), POT's network simplex ``ot.emd`` (any sizes and weights)
+BACKENDS = ("auto", "scipy", "multiscale", "pot")
+#: the backends that return a permutation
+_PERMUTATION_SOLVERS = ("scipy", "multiscale")
 
 # Network-simplex iteration cap: high enough never to bind on minibatches (POT's default 1e5 stops
 # early at B = 2048 and returns a suboptimal plan with only a warning); a hit still raises.
 _EMD_MAX_ITER = 10**10
 
 # `auto` rule, from the crossover table in benchmarks/results/couplers.md (2 cores, one torch thread,
-# medians, ms, scipy on -<x, y> against POT on the full cost): B = 128: d = 2: 2.3 vs 3.6; B = 256:
-# d = 2: 14.0 vs 10.7, d = 8: 7.5 vs 18.2; B = 1024: d = 2: 728 vs 240, d = 8: 321 vs 389, d = 784:
-# 137 vs 529; B = 2048: d = 2: 10959 vs 1487. At d = 2 the winner depends on the data (on the toy
-# training batches, gaussian or 8gaussians -> moons at B = 256, POT took 17 ms and scipy 22 to 29 ms),
-# so POT keeps low dimensions above B = 128; from d = 8 scipy wins at every batch size.
+# medians, ms, scipy / multiscale / POT): B = 256: d = 2: 13.5 / 12.1 / 12.2, d = 8: 6.4 / 14.3 / 14.7;
+# B = 512: d = 2: 92 / 42 / 56, d = 8: 32 / 38 / 62; B = 1024: d = 2: 794 / 128 / 211, d = 16:
+# 200 / 131 / 332, d = 64: 104 / 129 / 311; B = 2048: d = 2: 6020 / 644 / 1517, d = 64: 873 / 672 /
+# 2779, d = 784: 834 / 1349 / 3259. POT never wins (multiscale runs POT itself up to 256 points). At
+# d = 2 and B = 256 the winner depends on the data (toy training batches: POT 17 ms, scipy 22 to 29 ms),
+# so low dimensions keep POT there. scipy wins at B <= 128 and at high dimension; multiscale wins at
+# low dimension and, as B grows, up to higher dimensions.
 _SCIPY_MAX_BATCH_ANY_DIM = 128
 _SCIPY_MIN_DIM = 8
+#: (largest flattened dimension, smallest batch size) pairs from which multiscale beats scipy
+_MULTISCALE_FROM = ((16, 1024), (64, 2048))
 
 
 def _check_weights(w: torch.Tensor | None, n: int, name: str) -> torch.Tensor | None:
@@ -60,7 +70,7 @@ def _solve_on_cpu(cost: torch.Tensor, solver: str, a: torch.Tensor | None = None
                   b: torch.Tensor | None = None) -> torch.Tensor:
     """Solve the assignment or transport problem for a (B0, B1) float64 cost on the CPU.
 
-    The only place where numpy is seen. ``solver="scipy"`` returns the target index of each
+    The numpy boundary of the dense solvers. ``solver="scipy"`` returns the target index of each
     source, shape (B0,); ``solver="pot"`` returns the optimal plan, shape (B0, B1), float64, for
     masses a (B0,) and b (B1,) (uniform when None). Both on ``cost``'s device. Raises RuntimeError
     if POT does not report an optimal solution.
@@ -83,9 +93,11 @@ class ExactOTCoupler(Coupler):
     """Exact minibatch OT coupling for the squared Euclidean cost, on inputs of any shape (B, *shape).
 
     Args:
-        backend: ``"scipy"`` (``linear_sum_assignment``, equal batch sizes), ``"pot"`` (``ot.emd``),
-            or ``"auto"``: scipy when the flattened dimension is at least 8 or the batch has at most
-            128 points, else POT; POT whenever the batch sizes differ.
+        backend: ``"scipy"`` (``linear_sum_assignment``), ``"multiscale"`` (POT on sparse candidate
+            arcs with an optimality certificate, ``ot_cfm.couplers.multiscale``), both for equal
+            uniform batches; ``"pot"`` (``ot.emd``, any sizes and weights); or ``"auto"``: the
+            fastest one measured for the batch size and dimension (see ``choose_solver``), POT
+            whenever the batch sizes differ or weights are given.
 
     ``indices`` for B0 == B1: a permutation, deterministic (the generator is unused).
     ``indices`` for B0 != B1: every source once (i = 0..B0-1), its target drawn from its row of the
@@ -102,13 +114,18 @@ class ExactOTCoupler(Coupler):
         return f"{type(self).__name__}(backend={self.backend!r})"
 
     def choose_solver(self, b0: int, b1: int, dim: int) -> str:
-        """The solver ("scipy" or "pot") used for batch sizes b0, b1 and flattened dimension dim."""
+        """The solver ("scipy", "multiscale" or "pot") used for batch sizes b0, b1 and flattened dimension dim."""
         if b0 != b1:
-            if self.backend == "scipy":
-                raise ValueError(f"backend 'scipy' needs equal batch sizes, got {b0} and {b1}; use 'pot' or 'auto'")
+            if self.backend in _PERMUTATION_SOLVERS:
+                raise ValueError(f"backend {self.backend!r} needs equal batch sizes, got {b0} and {b1}; "
+                                 "use 'pot' or 'auto'")
             return "pot"
         if self.backend == "auto":
-            return "scipy" if dim >= _SCIPY_MIN_DIM or b0 <= _SCIPY_MAX_BATCH_ANY_DIM else "pot"
+            if b0 <= _SCIPY_MAX_BATCH_ANY_DIM:
+                return "scipy"
+            if dim < _SCIPY_MIN_DIM or any(dim <= d and b0 >= b for d, b in _MULTISCALE_FROM):
+                return "multiscale"
+            return "scipy"
         return self.backend
 
     def _solve(self, x0: torch.Tensor, x1: torch.Tensor, weights0=None, weights1=None) -> tuple[str, torch.Tensor]:
@@ -118,11 +135,14 @@ class ExactOTCoupler(Coupler):
         a = x0.detach().reshape(x0.shape[0], -1).to(torch.float64)
         b = x1.detach().reshape(x1.shape[0], -1).to(torch.float64)
         weighted = w0 is not None or w1 is not None
-        if weighted and self.backend == "scipy":
-            raise ValueError("backend 'scipy' solves uniform assignments only; use 'pot' or 'auto' with weights")
+        if weighted and self.backend in _PERMUTATION_SOLVERS:
+            raise ValueError(f"backend {self.backend!r} solves uniform assignments only; "
+                             "use 'pot' or 'auto' with weights")
         solver = "pot" if weighted else self.choose_solver(a.shape[0], b.shape[0], a.shape[1])
         if solver == "scipy":  # negating a (B0, d) factor, not the (B0, B1) product: exact, one pass less
             return solver, _solve_on_cpu((-a) @ b.T, solver)
+        if solver == "multiscale":
+            return solver, multiscale_assignment(a, b)
         cost = ((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)).clamp_min_(0.0)
         return solver, _solve_on_cpu(cost, solver, w0, w1)
 
@@ -133,7 +153,7 @@ class ExactOTCoupler(Coupler):
         unequal sizes or weighted batches, drawn from row i of the plan with ``generator``."""
         solver, out = self._solve(x0, x1, weights0, weights1)
         i = torch.arange(x0.shape[0], device=x0.device)
-        if solver == "scipy":
+        if solver in _PERMUTATION_SOLVERS:
             return i, out
         if x0.shape[0] == x1.shape[0] and weights0 is None and weights1 is None:
             j = out.argmax(dim=1)
@@ -147,7 +167,7 @@ class ExactOTCoupler(Coupler):
         """The optimal plan P of shape (B0, B1) with marginals weights0, weights1 (uniform when None),
         entries summing to 1, in x0's dtype and on its device."""
         solver, out = self._solve(x0, x1, weights0, weights1)
-        if solver == "scipy":
+        if solver in _PERMUTATION_SOLVERS:
             n = x0.shape[0]
             p = torch.zeros(n, n, dtype=x0.dtype, device=x0.device)
             p[torch.arange(n, device=x0.device), out] = 1.0 / n

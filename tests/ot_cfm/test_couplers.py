@@ -16,7 +16,7 @@ from ot_cfm.couplers.exact import ExactOTCoupler
 from ot_cfm.couplers.independent import IndependentCoupler
 from ot_cfm.couplers.sinkhorn import SinkhornCoupler
 
-EXACT_BACKENDS = ["auto", "scipy", "pot"]
+EXACT_BACKENDS = ["auto", "scipy", "multiscale", "pot"]
 SHAPES = [(2, 2), (16, 3), (48, 64), (40, 784), (32, 1, 8, 8)]  # (B, *shape), first entry: B = 2, d = 2
 
 
@@ -133,10 +133,11 @@ def test_exact_unequal_draw_follows_plan_rows():
     assert torch.allclose(freq, torch.full((3,), 1 / 3, dtype=torch.float64), atol=0.07)
 
 
-def test_scipy_backend_rejects_unequal_sizes():
+@pytest.mark.parametrize("backend", ["scipy", "multiscale"])
+def test_permutation_backends_reject_unequal_sizes(backend):
     x0, x1 = batches((10, 2), b1=12)
     with pytest.raises(ValueError, match="equal batch sizes"):
-        ExactOTCoupler("scipy").indices(x0, x1)
+        ExactOTCoupler(backend).indices(x0, x1)
     with pytest.raises(ValueError, match="backend"):
         ExactOTCoupler("lapjv")
 
@@ -251,8 +252,8 @@ def test_independent_keeps_equal_batches_and_draws_uniformly_otherwise():
 
 # ---------------------------------------------------------------- bad input
 
-COUPLERS = [ExactOTCoupler("auto"), ExactOTCoupler("scipy"), ExactOTCoupler("pot"), SinkhornCoupler(),
-            IndependentCoupler()]
+COUPLERS = [ExactOTCoupler("auto"), ExactOTCoupler("scipy"), ExactOTCoupler("multiscale"), ExactOTCoupler("pot"),
+            SinkhornCoupler(), IndependentCoupler()]
 
 
 @pytest.mark.parametrize("coupler", COUPLERS, ids=repr)
@@ -311,7 +312,8 @@ def test_exact_bad_weights_raise(weights, match):
         ExactOTCoupler().plan(x0, x1, weights0=weights)
 
 
-def test_scipy_backend_refuses_weights():
+@pytest.mark.parametrize("backend", ["scipy", "multiscale"])
+def test_permutation_backends_refuse_weights(backend):
     x0, x1 = batches((4, 2), seed=1)
     with pytest.raises(ValueError, match="uniform"):
-        ExactOTCoupler("scipy").plan(x0, x1, weights1=torch.full((4,), 0.25))
+        ExactOTCoupler(backend).plan(x0, x1, weights1=torch.full((4,), 0.25))

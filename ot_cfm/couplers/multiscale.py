@@ -1,0 +1,128 @@
+"""Exact assignment for the squared Euclidean cost by multiscale column generation.
+
+For equal batches x (B, d) and y (B, d) the optimal permutation minimises sum_i C_{i, sigma(i)},
+C_ij = |x_i - y_j|^2. POT's network simplex on all B^2 arcs is the reference; at low dimension it is
+also the fastest library solver there (scipy's shortest augmenting paths are 3x to 5x slower at d = 2,
+``benchmarks/results/assignment_warm_start.md``). This module solves the same problem on a sparse candidate
+graph and proves optimality on the full one:
+
+1. Solve the problem on every second point (recursively; POT's dense network simplex at ``base``
+   points or fewer), extend its row duals u to every column by the c-transform
+   v_j = min_i (C_ij - u_i), then u_i = min_j (C_ij - v_j).
+2. Candidate arcs: the ``neighbours`` smallest reduced costs R_ij = C_ij - u_i - v_j of every row and
+   of every column, plus the diagonal (a perfect matching, so the sparse problem is feasible).
+3. POT's network simplex on the candidate arcs returns a permutation and duals (u, v). If
+   R_ij >= -tol on the full B x B grid, (u, v) is dual feasible and complementary to the permutation,
+   so by LP duality its cost is within B * tol of the optimum (tol = 1e-12 of the largest |x|^2 +
+   |y|^2, far below float64 rounding of the cost itself). Otherwise the ``neighbours`` most negative
+   arcs of every violating row join the candidates and step 3 repeats (at most ``_MAX_ROUNDS`` times,
+   then the dense solver).
+
+Reduced costs come from one GEMM of augmented factors, R = [x, |x|^2 - u, 1] @ [-2 y, 1, |y|^2 - v]^T,
+on the input's device; only the candidate arcs cross to the CPU solver. Measured on the couplers
+benchmark's batches (d = 2, one thread): 1.5x to 2.8x faster than POT's dense solve at B = 1024 and
+2048, no faster at B = 256 (hence ``base``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ot
+import scipy.sparse
+import torch
+
+__all__ = ["multiscale_assignment"]
+
+_EMD_MAX_ITER = 10**10  # never binds on these graphs; a hit raises (see _network_simplex)
+_MAX_ROUNDS = 50  # column-generation rounds per level before falling back to the dense solver
+_TOL = 1e-12  # relative tolerance of the optimality certificate
+
+
+def _reduced_costs(x: torch.Tensor, y: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """R_ij = p_i + q_j - 2 <x_i, y_j>, shape (Bx, By), as one matrix product of augmented factors."""
+    ones_x = torch.ones_like(p)[:, None]
+    ones_y = torch.ones_like(q)[:, None]
+    return torch.cat([x, p[:, None], ones_x], 1) @ torch.cat([-2.0 * y, ones_y, q[:, None]], 1).T
+
+
+def _network_simplex(cost, n: int) -> tuple[object, torch.Tensor, torch.Tensor]:
+    """POT's exact solver for uniform masses 1/n on a dense (n, n) array or a sparse COO cost.
+
+    Returns (plan, u, v) with the plan as POT gives it (dense array or sparse matrix) and the duals as
+    float64 CPU tensors. Raises RuntimeError unless POT reports an optimal solution.
+    """
+    mass = np.full(n, 1.0 / n)
+    plan, log = ot.emd(mass, mass, cost, numItermax=_EMD_MAX_ITER, log=True)
+    if log["result_code"] != 1:
+        raise RuntimeError(f"POT emd did not reach an optimal plan (result_code {log['result_code']}: "
+                           f"{log.get('warning')}) for a {n}x{n} assignment")
+    return plan, torch.from_numpy(log["u"]), torch.from_numpy(log["v"])
+
+
+def _dense_level(x, y, nx, ny) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(permutation, u, v) from POT's dense solver; all three on x's device."""
+    cost = _reduced_costs(x, y, nx, ny).clamp_min_(0.0)
+    plan, u, v = _network_simplex(cost.cpu().numpy(), x.shape[0])
+    return torch.from_numpy(plan.argmax(1)).to(x.device), u.to(x.device), v.to(x.device)
+
+
+def _solve_level(x, y, nx, ny, neighbours: int, base: int, tol: float):
+    """(permutation (B,), u (B,), v (B,)): an optimal assignment of C = nx + ny - 2 x y^T and duals
+    certifying it, R = C - u - v >= -tol everywhere and R = 0 on the permutation."""
+    n = x.shape[0]
+    if n <= base:
+        return _dense_level(x, y, nx, ny)
+    _, u_half, _ = _solve_level(x[::2], y[::2], nx[::2], ny[::2], neighbours, base, tol)
+    v = _reduced_costs(x[::2], y, nx[::2] - u_half, ny).amin(0)
+    reduced = _reduced_costs(x, y, nx, ny - v)
+    u = reduced.amin(1)
+    reduced -= u[:, None]
+
+    k = min(neighbours, n)
+    idx = torch.arange(n, device=x.device)
+    by_row = torch.topk(reduced, k, dim=1, largest=False, sorted=False).indices
+    by_col = torch.topk(reduced.T.contiguous(), k, dim=1, largest=False, sorted=False).indices
+    arcs = torch.cat([idx[:, None] * n + by_row, by_col * n + idx[:, None], (idx * (n + 1))[:, None]], 1)
+    arcs = torch.unique(arcs.reshape(-1))
+    for _ in range(_MAX_ROUNDS):
+        rows, cols = arcs // n, arcs % n
+        weights = reduced[rows, cols] + u[rows] + v[cols]
+        sparse_cost = scipy.sparse.coo_array(
+            (weights.cpu().numpy(), (rows.cpu().numpy(), cols.cpu().numpy())), shape=(n, n))
+        plan, u, v = _network_simplex(sparse_cost, n)
+        u, v = u.to(x.device), v.to(x.device)
+        reduced = _reduced_costs(x, y, nx - u, ny - v)
+        violating = (reduced.amin(1) < -tol).nonzero().squeeze(1)
+        if violating.numel() == 0:
+            plan = plan.tocoo()
+            on = plan.data > 0.5 / n
+            perm = torch.empty(n, dtype=torch.long)
+            perm[torch.from_numpy(plan.row[on]).long()] = torch.from_numpy(plan.col[on]).long()
+            return perm.to(x.device), u, v
+        worst = torch.topk(reduced[violating], k, dim=1, largest=False, sorted=False)
+        new = (violating[:, None] * n + worst.indices)[worst.values < -tol]
+        arcs = torch.cat([arcs, new])
+    return _dense_level(x, y, nx, ny)
+
+
+def multiscale_assignment(x: torch.Tensor, y: torch.Tensor, *, neighbours: int = 48,
+                          base: int = 256) -> torch.Tensor:
+    """The optimal assignment sigma (B,) minimising sum_i |x_i - y_sigma(i)|^2, for x, y of shape (B, d).
+
+    Exact up to B * 1e-12 * max(|x|^2 + |y|^2) in cost (LP duality certificate, see the module
+    docstring). ``neighbours``: candidate arcs per row and per column; ``base``: batch size from which
+    down POT's dense solver is used. Computes in float64 on x's device; returns indices on it.
+    """
+    if x.ndim != 2 or x.shape != y.shape:
+        raise ValueError(f"x and y must have the same shape (B, d), got {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError("the batch is empty")
+    if neighbours < 1 or base < 1:
+        raise ValueError(f"neighbours and base must be positive, got {neighbours} and {base}")
+    x, y = x.detach().to(torch.float64), y.detach().to(torch.float64)
+    nx, ny = (x * x).sum(1), (y * y).sum(1)
+    tol = _TOL * float(nx.max() + ny.max() + 1.0)
+    perm = _solve_level(x, y, nx, ny, neighbours, base, tol)[0]
+    if torch.bincount(perm, minlength=x.shape[0]).max() != 1:
+        raise RuntimeError("POT emd returned an equal-size plan that is not a permutation")
+    return perm
