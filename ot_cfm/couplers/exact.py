@@ -38,18 +38,14 @@ _PERMUTATION_SOLVERS = ("scipy", "multiscale")
 # early at B = 2048 and returns a suboptimal plan with only a warning); a hit still raises.
 _EMD_MAX_ITER = 10**10
 
-# `auto` rule, from the crossover table in benchmarks/results/couplers.md (2 cores, one torch thread,
-# medians, ms, scipy / multiscale / POT): B = 256: d = 2: 13.5 / 12.1 / 12.2, d = 8: 6.4 / 14.3 / 14.7;
-# B = 512: d = 2: 92 / 42 / 56, d = 8: 32 / 38 / 62; B = 1024: d = 2: 794 / 128 / 211, d = 16:
-# 200 / 131 / 332, d = 64: 104 / 129 / 311; B = 2048: d = 2: 6020 / 644 / 1517, d = 64: 873 / 672 /
-# 2779, d = 784: 834 / 1349 / 3259. POT never wins (multiscale runs POT itself up to 256 points). At
-# d = 2 and B = 256 the winner depends on the data (toy training batches: POT 17 ms, scipy 22 to 29 ms),
-# so low dimensions keep POT there. scipy wins at B <= 128 and at high dimension; multiscale wins at
-# low dimension and, as B grows, up to higher dimensions.
-_SCIPY_MAX_BATCH_ANY_DIM = 128
-_SCIPY_MIN_DIM = 8
-#: (largest flattened dimension, smallest batch size) pairs from which multiscale beats scipy
-_MULTISCALE_FROM = ((16, 1024), (64, 2048))
+# `auto` rule, from benchmarks/results/couplers_crossover.md (2 cores, one torch thread, medians, ms,
+# scipy / multiscale / POT): B = 256: d = 2: 11.0 / 7.4 / 7.8, d = 4: 6.2 / 8.4 / 8.3; B = 512: d = 2:
+# 93 / 42 / 56, d = 4: 58 / 66 / 66; B = 1024: d = 4: 379 / 143 / 313, d = 16: 229 / 161 / 457, d = 64:
+# 184 / 181 / 448; B = 2048: d = 2: 5869 / 617 / 1300, d = 64: 751 / 554 / 2441, d = 784: scipy.
+# POT never wins (multiscale is POT itself up to 256 points). At d = 2 and B = 256 the winner depends
+# on the data (toy training batches: POT 17 ms, scipy 22 to 29 ms), so low dimensions keep POT there.
+#: (largest flattened dimension, smallest batch size) cells from which multiscale beats scipy
+_MULTISCALE_FROM = ((3, 129), (16, 1024), (64, 2048))
 
 
 def _check_weights(w: torch.Tensor | None, n: int, name: str) -> torch.Tensor | None:
@@ -121,11 +117,7 @@ class ExactOTCoupler(Coupler):
                                  "use 'pot' or 'auto'")
             return "pot"
         if self.backend == "auto":
-            if b0 <= _SCIPY_MAX_BATCH_ANY_DIM:
-                return "scipy"
-            if dim < _SCIPY_MIN_DIM or any(dim <= d and b0 >= b for d, b in _MULTISCALE_FROM):
-                return "multiscale"
-            return "scipy"
+            return "multiscale" if any(dim <= d and b0 >= b for d, b in _MULTISCALE_FROM) else "scipy"
         return self.backend
 
     def _solve(self, x0: torch.Tensor, x1: torch.Tensor, weights0=None, weights1=None) -> tuple[str, torch.Tensor]:

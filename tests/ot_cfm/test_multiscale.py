@@ -115,6 +115,8 @@ def test_float32_input_and_the_coupler_backend_agree():
 def test_auto_picks_multiscale_at_low_dimension_and_large_batches():
     coupler = ExactOTCoupler()
     assert coupler.choose_solver(128, 128, 2) == "scipy"
+    assert coupler.choose_solver(256, 256, 2) == "multiscale"
+    assert coupler.choose_solver(256, 256, 4) == "scipy"
     assert coupler.choose_solver(1024, 1024, 2) == "multiscale"
     assert coupler.choose_solver(1024, 1024, 16) == "multiscale"
     assert coupler.choose_solver(512, 512, 16) == "scipy"
