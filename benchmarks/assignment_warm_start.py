@@ -11,9 +11,12 @@ on the couplers benchmark's batches and the same cost ``C = -<x0_i, x1_j>`` (flo
   not counted, they cost a full POT solve);
 - ``half-batch duals``: the cheapest dual estimate that kept the permutation exact in our trials:
   POT with duals on the first half of each batch, its row duals ``u`` extended to every column by
-  the c-transform ``v_j = min_i (C_ij - u_i)``, then scipy on ``C - v`` (all of it timed).
+  the c-transform ``v_j = min_i (C_ij - u_i)``, then scipy on ``C - v`` (all of it timed);
+- ``multiscale``: what ``ExactOTCoupler`` does at low dimension instead (``ot_cfm.couplers.multiscale``).
 
 Every variant returns the optimal permutation (checked against POT). Medians over ``--reps``.
+A second table shows how accurate the duals must be: scipy on ``C - (v + noise)``, the noise
+Gaussian with a standard deviation given as a fraction of the cost's standard deviation.
 
     python benchmarks/assignment_warm_start.py --batch-sizes 256 1024 2048 --dims 2 784
 """
@@ -35,6 +38,9 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from benchmarks.couplers import make_batch
+from ot_cfm.couplers.multiscale import multiscale_assignment
+
+NOISE_FRACTIONS = (0.0, 1e-4, 1e-3, 3e-3, 1e-2)
 
 
 def median_ms(fn, reps: int):
@@ -60,10 +66,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dims", type=int, nargs="+", default=[2, 784])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the dual noise")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print("| B | d | POT ms | scipy ms | scipy, exact duals ms | half-batch duals + scipy ms | POT / best |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("| B | d | POT ms | scipy ms | scipy, exact duals ms | half-batch duals + scipy ms | multiscale ms "
+          "| POT / best scipy variant | POT / multiscale |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    noise_rows = []
     for b in args.batch_sizes:
         for d in args.dims:
             x0, x1 = make_batch(b, d, seed=0)
@@ -78,11 +87,23 @@ def main(argv: list[str] | None = None) -> None:
             t_exact, (_, j_exact) = median_ms(lambda: linear_sum_assignment(cost - log["v"][None]), args.reps)
             t_half, (_, j_half) = median_ms(
                 lambda: linear_sum_assignment(cost - half_batch_duals(cost)[None]), args.reps)
-            for name, j in (("scipy", j_lsa), ("exact duals", j_exact), ("half-batch duals", j_half)):
+            t_multi, j_multi = median_ms(lambda: multiscale_assignment(x0, x1).numpy(), args.reps)
+            for name, j in (("scipy", j_lsa), ("exact duals", j_exact), ("half-batch duals", j_half),
+                            ("multiscale", j_multi)):
                 if not np.array_equal(j, best):
                     print(f"  note: {name} returned another permutation (a tie) at B={b}, d={d}")
-            print(f"| {b} | {d} | {t_pot:.1f} | {t_lsa:.1f} | {t_exact:.1f} | {t_half:.1f} | "
-                  f"{t_pot / min(t_lsa, t_half):.2f}x |", flush=True)
+            print(f"| {b} | {d} | {t_pot:.1f} | {t_lsa:.1f} | {t_exact:.1f} | {t_half:.1f} | {t_multi:.1f} | "
+                  f"{t_pot / min(t_lsa, t_half):.2f}x | {t_pot / t_multi:.2f}x |", flush=True)
+            rng = np.random.default_rng(args.seed)
+            times = []
+            for fraction in NOISE_FRACTIONS:
+                v = log["v"] + fraction * cost.std() * rng.standard_normal(b)
+                times.append(median_ms(lambda: linear_sum_assignment(cost - v[None]), args.reps)[0])
+            noise_rows.append(f"| {b} | {d} | {t_pot:.1f} | " + " | ".join(f"{t:.1f}" for t in times) + " |")
+    print("\nscipy on C - (v + noise), noise std as a fraction of the cost's std (ms):\n")
+    print("| B | d | POT ms | " + " | ".join(f"{f:g}" for f in NOISE_FRACTIONS) + " |")
+    print("|---:|---:|---:|" + "---:|" * len(NOISE_FRACTIONS))
+    print("\n".join(noise_rows))
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ graph and proves optimality on the full one:
 
 Reduced costs come from one GEMM of augmented factors, R = [x, |x|^2 - u, 1] @ [-2 y, 1, |y|^2 - v]^T,
 on the input's device; only the candidate arcs cross to the CPU solver. Measured on the couplers
-benchmark's batches (d = 2, one thread): 1.5x to 2.8x faster than POT's dense solve at B = 1024 and
-2048, no faster at B = 256 (hence ``base``).
+benchmark's batches (one thread, ``benchmarks/results/couplers_crossover.md``): 1.6x to 2.6x faster
+than POT's dense solve at B = 1024 and 2048 for d = 2 to 4, no faster at B = 256 (hence ``base``).
 """
 
 from __future__ import annotations
