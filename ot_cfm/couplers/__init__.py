@@ -3,7 +3,9 @@
 from ot_cfm.couplers.base import Coupler
 from ot_cfm.couplers.exact import ExactOTCoupler
 from ot_cfm.couplers.independent import IndependentCoupler
+from ot_cfm.couplers.multiscale import multiscale_assignment
 from ot_cfm.couplers.semidiscrete import SemidiscreteCoupler
 from ot_cfm.couplers.sinkhorn import SinkhornCoupler
 
-__all__ = ["Coupler", "ExactOTCoupler", "SinkhornCoupler", "IndependentCoupler", "SemidiscreteCoupler"]
+__all__ = ["Coupler", "ExactOTCoupler", "SinkhornCoupler", "IndependentCoupler", "SemidiscreteCoupler",
+           "multiscale_assignment"]
