@@ -110,7 +110,7 @@ def train(coupler, images: torch.Tensor, args, name: str) -> nn.Module:
 
 def evaluate(model: nn.Module, x0: torch.Tensor, held_out: torch.Tensor) -> tuple[dict, dict, dict]:
     """W2 (pixel space) and NFE per solver setting, and the generated images."""
-    field, w2, nfe, images = model, {}, {}, {}
+    w2, nfe, images = {}, {}, {}
     for label, options in SOLVERS.items():
         out = sample(model, x0, **options)
         w2[label], nfe[label], images[label] = wasserstein2(out.x, held_out), out.nfe, out.x
