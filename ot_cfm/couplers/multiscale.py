@@ -13,8 +13,8 @@ graph and proves optimality on the full one:
    of every column, plus the diagonal (a perfect matching, so the sparse problem is feasible).
 3. POT's network simplex on the candidate arcs returns a permutation and duals (u, v). If
    R_ij >= -tol on the full B x B grid, (u, v) is dual feasible and complementary to the permutation,
-   so by LP duality its cost is within B * tol of the optimum (tol = 1e-12 of the largest |x|^2 +
-   |y|^2, far below float64 rounding of the cost itself). Otherwise the ``neighbours`` most negative
+   so by LP duality its cost is within B * tol of the optimum (tol = 1e-12 (max |x|^2 + max |y|^2 + 1):
+   above the float64 rounding of R, far below any cost gap that matters). Otherwise the ``neighbours`` most negative
    arcs of every violating row join the candidates and step 3 repeats (at most ``_MAX_ROUNDS`` times,
    then the dense solver).
 
@@ -109,14 +109,16 @@ def multiscale_assignment(x: torch.Tensor, y: torch.Tensor, *, neighbours: int =
                           base: int = 256) -> torch.Tensor:
     """The optimal assignment sigma (B,) minimising sum_i |x_i - y_sigma(i)|^2, for x, y of shape (B, d).
 
-    Exact up to B * 1e-12 * max(|x|^2 + |y|^2) in cost (LP duality certificate, see the module
-    docstring). ``neighbours``: candidate arcs per row and per column; ``base``: batch size from which
+    Exact up to B * 1e-12 * (max_i |x_i|^2 + max_j |y_j|^2 + 1) in cost (LP duality certificate, see
+    the module docstring). ``neighbours``: candidate arcs per row and per column; ``base``: batch size from which
     down POT's dense solver is used. Computes in float64 on x's device; returns indices on it.
     """
     if x.ndim != 2 or x.shape != y.shape:
         raise ValueError(f"x and y must have the same shape (B, d), got {tuple(x.shape)} and {tuple(y.shape)}")
     if x.shape[0] == 0:
         raise ValueError("the batch is empty")
+    if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+        raise ValueError("x and y must not contain NaN or inf")
     if neighbours < 1 or base < 1:
         raise ValueError(f"neighbours and base must be positive, got {neighbours} and {base}")
     x, y = x.detach().to(torch.float64), y.detach().to(torch.float64)

@@ -134,3 +134,11 @@ def test_auto_picks_multiscale_at_low_dimension_and_large_batches():
 def test_bad_input_raises(x_shape, y_shape, kwargs, match):
     with pytest.raises(ValueError, match=match):
         multiscale_assignment(torch.zeros(x_shape), torch.zeros(y_shape), **kwargs)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_input_raises(value):
+    x, y = mixture(10, 2, 0)
+    y[3, 1] = value
+    with pytest.raises(ValueError, match="NaN or inf"):
+        multiscale_assignment(x, y)
