@@ -113,3 +113,15 @@ def test_assignment_warm_start_keeps_the_optimum():
                           "--dims", "2", "8", "--reps", "1"], capture_output=True, text=True, check=True).stdout
     rows = [line for line in out.splitlines() if line.startswith("| 64 |")]
     assert len(rows) == 4 and "another permutation" not in out  # timing and dual-noise tables, d = 2 and 8
+
+
+def test_sinkhorn_benchmark_runs_both_solvers_to_the_tolerance():
+    """The comparison is fair only if POT's stopping rule also reaches the L1 marginal tolerance."""
+    import subprocess
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/sinkhorn.py"), "--batch-sizes", "48", "--dims", "2",
+                          "--epsilons", "0.1", "--tol", "1e-3", "--reps", "1"],
+                         capture_output=True, text=True, check=True).stdout
+    row = [line for line in out.splitlines() if line.startswith("| 48 |")]
+    assert len(row) == 1
+    errors = [float(e) for e in row[0].split("|")[-2].split(",")]
+    assert max(errors) <= 1e-3
