@@ -26,14 +26,13 @@ than POT's dense solve at B = 1024 and 2048 for d = 2 to 4, no faster at B = 256
 
 from __future__ import annotations
 
-import numpy as np
-import ot
 import scipy.sparse
 import torch
 
+from ot_cfm.couplers.network_simplex import network_simplex
+
 __all__ = ["multiscale_assignment"]
 
-_EMD_MAX_ITER = 10**10  # never binds on these graphs; a hit raises (see _network_simplex)
 _MAX_ROUNDS = 50  # column-generation rounds per level before falling back to the dense solver
 _TOL = 1e-12  # relative tolerance of the optimality certificate
 
@@ -53,26 +52,12 @@ def _block(buffer: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return buffer[: rows * cols].view(rows, cols)
 
 
-def _network_simplex(cost, n: int) -> tuple[object, torch.Tensor, torch.Tensor]:
-    """POT's exact solver for uniform masses 1/n on a dense (n, n) array or a sparse COO cost.
-
-    Returns (plan, u, v) with the plan as POT gives it (dense array or sparse matrix) and the duals as
-    float64 CPU tensors. Raises RuntimeError unless POT reports an optimal solution.
-    """
-    mass = np.full(n, 1.0 / n)
-    plan, log = ot.emd(mass, mass, cost, numItermax=_EMD_MAX_ITER, log=True)
-    if log["result_code"] != 1:
-        raise RuntimeError(f"POT emd did not reach an optimal plan (result_code {log['result_code']}: "
-                           f"{log.get('warning')}) for a {n}x{n} assignment")
-    return plan, torch.from_numpy(log["u"]), torch.from_numpy(log["v"])
-
-
 def _dense_level(x, y, nx, ny, work) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(permutation, u, v) from POT's dense solver; all three on x's device."""
     n = x.shape[0]
     cost = _reduced_costs(x, y, nx, ny, out=_block(work[0], n, n)).clamp_min_(0.0)
-    plan, u, v = _network_simplex(cost.cpu().numpy(), x.shape[0])
-    return torch.from_numpy(plan.argmax(1)).to(x.device), u.to(x.device), v.to(x.device)
+    plan, u, v = network_simplex(cost.cpu().numpy())
+    return tuple(torch.from_numpy(t).to(x.device) for t in (plan.argmax(1), u, v))
 
 
 def _solve_level(x, y, nx, ny, neighbours: int, base: int, tol: float, work: torch.Tensor):
@@ -101,8 +86,8 @@ def _solve_level(x, y, nx, ny, neighbours: int, base: int, tol: float, work: tor
         weights = reduced[rows, cols] + u[rows] + v[cols]
         sparse_cost = scipy.sparse.coo_array(
             (weights.cpu().numpy(), (rows.cpu().numpy(), cols.cpu().numpy())), shape=(n, n))
-        plan, u, v = _network_simplex(sparse_cost, n)
-        u, v = u.to(x.device), v.to(x.device)
+        plan, u, v = network_simplex(sparse_cost)
+        u, v = torch.from_numpy(u).to(x.device), torch.from_numpy(v).to(x.device)
         reduced = _reduced_costs(x, y, nx - u, ny - v, out=reduced)
         violating = (reduced.amin(1) < -tol).nonzero().squeeze(1)
         if violating.numel() == 0:

@@ -7,10 +7,11 @@ import math
 import numpy as np
 import ot
 import pytest
+import scipy.sparse
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from ot_cfm.couplers import exact as exact_module
+from ot_cfm.couplers import network_simplex as network_simplex_module
 from ot_cfm.couplers.base import sample_rows
 from ot_cfm.couplers.exact import ExactOTCoupler
 from ot_cfm.couplers.independent import IndependentCoupler
@@ -97,10 +98,18 @@ def test_inner_product_cost_gives_the_squared_distance_optimum():
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # POT's own "numItermax reached" warning
 def test_exact_raises_when_pot_stops_early(monkeypatch):
-    monkeypatch.setattr(exact_module, "_EMD_MAX_ITER", 5)
+    monkeypatch.setattr(network_simplex_module, "EMD_MAX_ITER", 5)
     x0, x1 = batches((40, 3), seed=1)
     with pytest.raises(RuntimeError, match="optimal"):
         ExactOTCoupler("pot").indices(x0, x1)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # POT's own "problem infeasible" warning
+def test_network_simplex_raises_on_an_infeasible_sparse_problem():
+    # two sources may both only go to target 0: no plan with uniform marginals exists
+    cost = scipy.sparse.coo_array((np.ones(2), (np.array([0, 1]), np.array([0, 0]))), shape=(2, 2))
+    with pytest.raises(RuntimeError, match="optimal"):
+        network_simplex_module.network_simplex(cost)
 
 
 # ---------------------------------------------------------------- exact, unequal sizes
