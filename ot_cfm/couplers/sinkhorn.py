@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ot_cfm.couplers.base import Coupler, sample_rows
+from ot_cfm.couplers.base import Coupler, buffer_view, sample_rows
 
 __all__ = ["SinkhornCoupler", "SinkhornResult"]
 
@@ -115,42 +115,36 @@ class SinkhornCoupler(Coupler):
     def _run(self, a, b, na, nb, eps, chunk) -> SinkhornResult:
         log_a, log_b = -math.log(a.shape[0]), -math.log(b.shape[0])
         n0, n1 = a.shape[0], b.shape[0]
-        # Buffers reused by every half-step: on 2-core CPUs a fresh 16 MiB tensor costs more in page
-        # faults than the arithmetic on it. When the whole cost fits one block it is built once.
+        # Buffers reused by every half-step (see ``buffer_view``); a cost that fits one block is built once.
         work = torch.empty(2, min(chunk, max(n0, n1)) * max(n0, n1), dtype=a.dtype, device=a.device)
-        whole = _cost_block(a, b, na, nb, out=work[1][: n0 * n1].view(n0, n1)) if chunk >= max(n0, n1) else None
+        whole = _cost_block(a, b, na, nb, out=buffer_view(work[1], (n0, n1))) if chunk >= max(n0, n1) else None
 
         def block(rows: slice, cols: slice) -> torch.Tensor:
             if whole is not None:
                 return whole[rows, cols]
             shape = (len(range(n0)[rows]), len(range(n1)[cols]))
-            return _cost_block(a[rows], b[cols], na[rows], nb[cols], out=work[1][: shape[0] * shape[1]].view(shape))
+            return _cost_block(a[rows], b[cols], na[rows], nb[cols], out=buffer_view(work[1], shape))
 
-        def row_update(g: torch.Tensor) -> torch.Tensor:
+        def half_step(potential: torch.Tensor, dim: int) -> torch.Tensor:
+            """The row potential f from g (dim = 1) or the column potential g from f (dim = 0), block by block."""
             parts = []
-            for s in range(0, n0, chunk):
-                c = block(slice(s, s + chunk), slice(None))
-                parts.append(_soft_min(g, c, eps, log_b, 1, work[0][: c.numel()].view(c.shape)))
-            return torch.cat(parts)
-
-        def col_update(f: torch.Tensor) -> torch.Tensor:
-            parts = []
-            for s in range(0, n1, chunk):
-                c = block(slice(None), slice(s, s + chunk))
-                parts.append(_soft_min(f, c, eps, log_a, 0, work[0][: c.numel()].view(c.shape)))
+            for s in range(0, n0 if dim == 1 else n1, chunk):
+                c = block(slice(s, s + chunk), slice(None)) if dim == 1 else block(slice(None), slice(s, s + chunk))
+                log_weight = log_b if dim == 1 else log_a
+                parts.append(_soft_min(potential, c, eps, log_weight, dim, buffer_view(work[0], c.shape)))
             return torch.cat(parts)
 
         f = torch.zeros_like(na)
-        g = col_update(f)
+        g = half_step(f, 0)
         err = math.inf
         for it in range(1, self.max_iters + 1):
-            f_new = row_update(g)
+            f_new = half_step(g, 1)
             # row sums of the current plan are a_i exp((f_i - f_new_i) / eps)
             err = float(torch.exp(log_a + (f - f_new) / eps).sub(math.exp(log_a)).abs().sum())
             if err <= self.tol:
                 return SinkhornResult(f, g, eps, err, it, True)
             f = f_new
-            g = col_update(f)
+            g = half_step(f, 0)
         warnings.warn(f"Sinkhorn stopped at max_iters={self.max_iters} with marginal error {err:.2e} > tol={self.tol}; "
                       "raise max_iters or epsilon", RuntimeWarning, stacklevel=3)
         return SinkhornResult(f, g, eps, err, self.max_iters, False)
