@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import statistics
 import sys
@@ -40,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ot_cfm.batches import CoupledBatches
 from ot_cfm.couplers.exact import ExactOTCoupler
 from ot_cfm.data import toy_sampler
 from ot_cfm.evaluation import evaluate_samples
@@ -105,6 +107,12 @@ class Variant:
         self.coupling_seconds.append(self.stopwatch.read())
 
 
+def iid_batches(source, target, seed: int, batch: int):
+    """The Trainer's data stream before coupling: batch k drawn with ``batch_generator(seed, k)``."""
+    raw = CoupledBatches(source, target, None, batch, seed)
+    return (raw[k] for k in itertools.count())
+
+
 def torchcfm_variant(source, target, seed: int, batch: int, lr: float) -> Variant:
     from torchcfm.conditional_flow_matching import ExactOptimalTransportConditionalFlowMatcher
     from torchcfm.models.models import MLP as TorchcfmMLP
@@ -114,11 +122,11 @@ def torchcfm_variant(source, target, seed: int, batch: int, lr: float) -> Varian
     model = TorchcfmMLP(dim=2, w=64, time_varying=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     fm = ExactOptimalTransportConditionalFlowMatcher(sigma=0.0)
-    data, times = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+    data, times = iid_batches(source, target, seed, batch), torch.Generator().manual_seed(seed + 1)
 
     def step():
         optimizer.zero_grad()
-        x0, x1 = source(batch, data), target(batch, data)
+        x0, x1 = next(data)
         t, xt, ut = fm.sample_location_and_conditional_flow(x0, x1, t=torch.rand(batch, generator=times))
         vt = model(torch.cat([xt, t[:, None]], dim=-1))
         loss = torch.mean((vt - ut) ** 2)
@@ -134,11 +142,11 @@ def ours_variant(source, target, seed: int, batch: int, lr: float) -> Variant:
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     coupler = ExactOTCoupler()
     matcher = ConditionalFlowMatcher(coupler)
-    data, times = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+    data, times = iid_batches(source, target, seed, batch), torch.Generator().manual_seed(seed + 1)
 
     def step():
         optimizer.zero_grad()
-        loss = matcher.loss(model, source(batch, data), target(batch, data), generator=times)
+        loss = matcher.loss(model, *next(data), generator=times)
         loss.backward()
         optimizer.step()
 
@@ -152,6 +160,49 @@ def trainer_variant(source, target, seed: int, batch: int, lr: float, steps: int
     config = TrainConfig(steps=steps, batch_size=batch, lr=lr, seed=seed, progress=False)
     trainer = Trainer(model, ConditionalFlowMatcher(coupler), source, target, config)
     return Variant("ours-trainer", trainer.train_step, Stopwatch(coupler, "pair"), model, model)
+
+
+def block_step_ms(run_block: Callable[[Callable[[], None]], None], steps: int) -> float:
+    """Steady-state ms per step of one block: ``run_block(tick)`` trains ``steps`` steps and calls ``tick()`` after
+    each; the first tenth (worker start-up, warm-up) is left out."""
+    stamps = []
+    run_block(lambda: stamps.append(time.perf_counter()))
+    skip = steps // 10
+    return 1e3 * (stamps[-1] - stamps[skip]) / (len(stamps) - 1 - skip)
+
+
+def workers_timing(task: str, seed: int, args) -> dict:
+    """Wall time per step of torchcfm's loop and of ``Trainer.fit`` with 0 and ``args.workers`` worker processes,
+    in blocks of ``args.block_steps`` steps whose order rotates each round (background workers would steal
+    time from interleaved steps, so this timing runs whole blocks)."""
+    source, target = (toy_sampler(name) for name in TASKS[task])
+    batch, lr, steps = args.batch_size, args.lr, args.block_steps
+
+    def torchcfm_block(tick):
+        step = torchcfm_variant(source, target, seed, batch, lr).step
+        for _ in range(steps):
+            step()
+            tick()
+
+    def trainer_block(workers):
+        def run(tick):
+            torch.manual_seed(seed)
+            config = TrainConfig(steps=steps, batch_size=batch, lr=lr, seed=seed, progress=False, workers=workers)
+            trainer = Trainer(MLP(2), ConditionalFlowMatcher(ExactOTCoupler()), source, target, config)
+            inner = trainer.train_step
+            trainer.train_step = lambda b=None: (inner(b), tick())[0]
+            trainer.fit()
+        return run
+
+    blocks = {"torchcfm": torchcfm_block, **{f"ours-trainer, {w} workers": trainer_block(w) for w in args.workers}}
+    times = {name: [] for name in blocks}
+    names = list(blocks)
+    for r in range(args.blocks):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(block_step_ms(blocks[name], steps))
+    return {name: {"step_ms": float(np.median(t)),
+                   "ratio": float(np.median([a / b for a, b in zip(t, times["torchcfm"])]))}
+            for name, t in times.items()}
 
 
 def same_weights(a: nn.Module, b: nn.Module) -> bool:
@@ -199,7 +250,7 @@ def _mean_sd(values) -> str:
     return f"{statistics.mean(values):.3g} ± {statistics.stdev(values):.2g}"
 
 
-def to_markdown(rows: list, args, command: str, seconds: float) -> str:
+def to_markdown(rows: list, timing: dict, args, command: str, seconds: float) -> str:
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     names = ("torchcfm", "ours", "ours-trainer")
     lines = ["# Toy training: ot-cfm against torchcfm (exact OT-CFM)", "",
@@ -224,6 +275,16 @@ def to_markdown(rows: list, args, command: str, seconds: float) -> str:
             lines.append(f"| {task} | {name} | {_mean_sd(x['step_ms'] for x in v)} | {_mean_sd(ratio)} | "
                          f"{_mean_sd(x['coupling_ms'] for x in v)} | "
                          f"{_mean_sd(100 * x['coupling_share'] for x in v)} % |")
+    lines += ["", "## Step time with batches coupled in worker processes", "",
+              f"`Trainer.fit` with `TrainConfig(workers=...)` against torchcfm's loop: wall time per step over blocks of "
+              f"{args.block_steps} steps (first tenth left out), {args.blocks} rounds in rotating order, seed "
+              f"{args.seeds[0]}; step time is the median over blocks, the ratio the median over rounds of "
+              "ours / torchcfm in the same round. The weights do not depend on the number of workers "
+              "(`tests/ot_cfm/test_trainer.py`).", "",
+              "| task | loop | step (ms) | ratio to torchcfm |", "| --- | --- | --- | --- |"]
+    for task, by_loop in timing.items():
+        for name, v in by_loop.items():
+            lines.append(f"| {task} | {name} | {v['step_ms']:.3g} | {v['ratio']:.3g} |")
     same = all(r["trainer_matches_plain_loop"] for r in rows)
     lines += ["", f"`ours-trainer` had weights {'identical to' if same else 'DIFFERENT from'} `ours` after its "
               "timed steps in every run (same data, t draws and initial weights), so its sample quality is that "
@@ -261,6 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (1: a width-64 MLP gains nothing from more, and shared cores punish them)")
     p.add_argument("--json", type=Path, default=None, help="also write the per-seed results as JSON")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 2],
+                   help="worker-process counts of the Trainer in the block timing")
+    p.add_argument("--block-steps", type=int, default=300, help="steps per block of the worker-process timing")
+    p.add_argument("--blocks", type=int, default=5, help="rounds of blocks in the worker-process timing")
     return p
 
 
@@ -269,6 +334,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     if args.quick:
         args.tasks, args.seeds, args.steps, args.eval_samples = ["gaussian-moons"], args.seeds[:1], 100, 400
+        args.block_steps, args.blocks = 40, 1
     command = "python -m benchmarks.toy_training " + " ".join(sys.argv[1:] if argv is None else argv)
     start, rows = time.perf_counter(), []
     for task in args.tasks:
@@ -278,13 +344,18 @@ def main(argv=None) -> int:
             print(f"{task} seed {seed}: step ms torchcfm {v['torchcfm']['step_ms']:.2f}, ours {v['ours']['step_ms']:.2f}, "
                   f"trainer {v['ours-trainer']['step_ms']:.2f}; W2 dopri5 torchcfm {v['torchcfm']['w2']['dopri5']:.3f}, "
                   f"ours {v['ours']['w2']['dopri5']:.3f} ({(time.perf_counter() - start) / 60:.1f} min)", flush=True)
-    report = to_markdown(rows, args, command, time.perf_counter() - start)
+    timing = {}
+    for task in args.tasks:
+        timing[task] = workers_timing(task, args.seeds[0], args)
+        print(f"{task} blocks: " + ", ".join(f"{name} {v['step_ms']:.2f} ms ({v['ratio']:.2f}x)"
+                                            for name, v in timing[task].items()), flush=True)
+    report = to_markdown(rows, timing, args, command, time.perf_counter() - start)
     out = args.out or (None if args.quick else Path(__file__).parent / "results" / "toy_training.md")
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(report)
     if args.json is not None:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        args.json.write_text(json.dumps({"runs": rows, "worker_timing": timing}, indent=2) + "\n")
     print(report)
     return 0
 

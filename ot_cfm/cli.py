@@ -69,7 +69,8 @@ def cmd_train(args) -> int:
     matcher = ConditionalFlowMatcher(coupler=_make_coupler(args.coupler, args.epsilon), sigma=args.sigma)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
                          schedule=args.schedule, grad_clip=args.grad_clip, ema_decay=args.ema_decay, seed=args.seed,
-                         checkpoint_every=args.checkpoint_every, out_dir=str(out), progress=not args.no_progress)
+                         checkpoint_every=args.checkpoint_every, out_dir=str(out), progress=not args.no_progress,
+                         workers=args.workers)
     meta = {"model": spec, "source": args.source, "target": args.target, "coupler": args.coupler}
     source, target = toy_sampler(args.source), toy_sampler(args.target)
     trainer = Trainer(model, matcher, source, target, config, metadata=meta)
@@ -138,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--time-embedding", choices=("concat", "sinusoidal"), default="concat")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--checkpoint-every", type=int, default=1000)
+    train.add_argument("--workers", type=int, default=0,
+                       help="processes that draw and couple batches ahead of the model step (0: none; the "
+                            "weights do not depend on it)")
     train.add_argument("--eval-samples", type=int, default=2000)
     train.add_argument("--out", default="runs/default", help="output folder")
     train.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")

@@ -87,11 +87,16 @@ def toy_sampler(name: str, *, device=None, dtype: torch.dtype = torch.float32) -
     return partial(sample_toy, name, device=device, dtype=dtype)
 
 
+def _sample_gaussian(shape: tuple[int, ...], n: int, generator: torch.Generator | None = None, *,
+                     device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """n i.i.d. draws (n, *shape) of N(0, I), drawn on the generator's device and moved to ``device``."""
+    return torch.randn((n, *shape), generator=generator, device=_generator_device(generator)).to(device=device, dtype=dtype)
+
+
 def gaussian_sampler(shape: tuple[int, ...], *, device=None, dtype: torch.dtype = torch.float32) -> Sampler:
-    """A sampler of N(0, I) in ``shape`` (the flow-matching source for images or any dimension)."""
-    def draw(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        return torch.randn((n, *shape), generator=generator, device=_generator_device(generator)).to(device=device, dtype=dtype)
-    return draw
+    """A sampler of N(0, I) in ``shape`` (the flow-matching source for images or any dimension); picklable,
+    like every sampler here, so that worker processes can use it."""
+    return partial(_sample_gaussian, tuple(shape), device=device, dtype=dtype)
 
 
 class TensorSampler:

@@ -49,18 +49,28 @@ class ConditionalFlowMatcher:
         self.coupler = coupler
         self.sigma = float(sigma)
 
+    def couple(self, x0: torch.Tensor, x1: torch.Tensor, y0: torch.Tensor | None = None,
+               y1: torch.Tensor | None = None, *, generator: torch.Generator | None = None) -> tuple:
+        """(x0, x1, y0, y1) re-paired by the coupler (unchanged without one); labels follow their points."""
+        check_pair(x0, x1, same_batch_size=self.coupler is None or self.coupler.requires_equal_sizes)
+        if self.coupler is None:
+            return x0, x1, y0, y1
+        paired = self.coupler.pair(x0, x1, y0, y1, generator=generator)
+        return paired if len(paired) == 4 else (*paired, None, None)
+
     def sample(self, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor | float | None = None, *,
                y0: torch.Tensor | None = None, y1: torch.Tensor | None = None,
-               generator: torch.Generator | None = None) -> FlowSample:
-        """Couple (x0, x1), draw t ~ U[0, 1] (unless given) and eps, return the batch as a FlowSample.
+               generator: torch.Generator | None = None, coupled: bool = False) -> FlowSample:
+        """Couple (x0, x1) (skipped when ``coupled``: the pairs come from ``couple`` already), draw
+        t ~ U[0, 1] (unless given) and eps, return the batch as a FlowSample.
 
-        The draws go through ``generator`` (torch's default generator when None), t first, then eps,
-        in the order torchcfm uses, so equal seeds give equal batches.
+        The draws go through ``generator`` (torch's default generator when None): the coupler's first,
+        then t, then eps, in the order torchcfm uses, so equal seeds give equal batches.
         """
-        check_pair(x0, x1, same_batch_size=self.coupler is None or self.coupler.requires_equal_sizes)
-        if self.coupler is not None:
-            paired = self.coupler.pair(x0, x1, y0, y1, generator=generator)
-            x0, x1, y0, y1 = paired if len(paired) == 4 else (*paired, None, None)
+        if coupled:
+            check_pair(x0, x1)
+        else:
+            x0, x1, y0, y1 = self.couple(x0, x1, y0, y1, generator=generator)
         if x0.shape[0] != x1.shape[0]:
             raise ValueError(f"after coupling, x0 and x1 must have one batch size, got {x0.shape[0]} and {x1.shape[0]}")
         if t is None:
@@ -80,9 +90,10 @@ class ConditionalFlowMatcher:
         return (s.t, s.x_t, s.u_t, s.noise) if return_noise else (s.t, s.x_t, s.u_t)
 
     def loss(self, model, x0: torch.Tensor, x1: torch.Tensor, *,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-        """Mean squared error E |v(t, x_t) - u_t|^2 (mean over batch and coordinates), a scalar tensor."""
-        s = self.sample(x0, x1, generator=generator)
+             generator: torch.Generator | None = None, coupled: bool = False) -> torch.Tensor:
+        """Mean squared error E |v(t, x_t) - u_t|^2 (mean over batch and coordinates), a scalar tensor;
+        ``coupled`` as in ``sample``."""
+        s = self.sample(x0, x1, generator=generator, coupled=coupled)
         v = model(s.t, s.x_t)
         if v.shape != s.u_t.shape:
             raise ValueError(f"model returned shape {tuple(v.shape)}, expected {tuple(s.u_t.shape)} (the shape of x_t)")

@@ -1,9 +1,10 @@
 """Training loop for flow-matching models: Adam, warm-up and cosine schedule, clipping, EMA,
 periodic evaluation, a JSON-lines metrics log and atomic checkpoints with exact resume.
 
-All randomness (data draws, t, eps, stochastic couplers) goes through two torch.Generators
-owned by the trainer and saved in every checkpoint, so a resumed run ends with the same
-weights as an uninterrupted one.
+Batch k (data draws and a stochastic coupler's draws) is a pure function of (seed, k)
+(``ot_cfm.batches``), and t and eps come from a torch.Generator saved in every checkpoint, so a
+resumed run ends with the same weights as an uninterrupted one. With ``workers`` > 0 the batches are
+drawn and coupled in worker processes ahead of the model step, with the same result on the CPU.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from ot_cfm.atomic import atomic_write
+from ot_cfm.batches import CoupledBatches, coupled_batch_stream
 from ot_cfm.matcher import ConditionalFlowMatcher
 
 __all__ = ["TrainConfig", "TrainResult", "Trainer", "CHECKPOINT_NAME", "METRICS_NAME"]
@@ -33,7 +35,7 @@ __all__ = ["TrainConfig", "TrainResult", "Trainer", "CHECKPOINT_NAME", "METRICS_
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 # Fields that may change between a run and its resumption without changing the trained weights.
-_RESUMABLE_FIELDS = ("steps", "out_dir", "progress", "eval_every", "checkpoint_every", "log_every")
+_RESUMABLE_FIELDS = ("steps", "out_dir", "progress", "eval_every", "checkpoint_every", "log_every", "workers")
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,9 @@ class TrainConfig:
     lr follows a linear warm-up over ``warmup_steps`` then ``schedule`` ("constant" or "cosine" to 0 at
     ``steps``). ``grad_clip`` > 0 clips the global gradient norm; ``ema_decay`` > 0 keeps an exponential
     moving average of the weights (used for evaluation and sampling). Checkpoints and the metrics log
-    go to ``out_dir`` (none when None).
+    go to ``out_dir`` (none when None). ``workers`` > 0 draws and couples batches in that many worker
+    processes while the model trains (worth it when the coupling is CPU work, like the exact solvers;
+    the samplers must then draw on the CPU, and be picklable where processes start by spawning).
     """
 
     steps: int = 5000
@@ -59,8 +63,11 @@ class TrainConfig:
     checkpoint_every: int = 1000
     out_dir: str | None = None
     progress: bool = True
+    workers: int = 0
 
     def __post_init__(self):
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"steps and batch_size must be positive, got {self.steps} and {self.batch_size}")
         if self.schedule not in ("constant", "cosine"):
@@ -104,7 +111,6 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay))
                     if config.ema_decay > 0 else None)
-        self.data_generator = torch.Generator().manual_seed(config.seed)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed + 1)
         self.step = 0
         self.out_dir = Path(config.out_dir) if config.out_dir else None
@@ -123,13 +129,20 @@ class Trainer:
             return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         return 1.0
 
-    def train_step(self) -> float:
-        """One optimisation step on a fresh batch; returns the loss."""
+    def batches(self, device: torch.device | str | None = None) -> CoupledBatches:
+        """The run's coupled batches (``batches[k]`` is the batch of step k), coupled on ``device``
+        (the model's by default)."""
         c = self.config
-        x0 = self.source(c.batch_size, self.data_generator).to(self.device)
-        x1 = self.target(c.batch_size, self.data_generator).to(self.device)
+        return CoupledBatches(self.source, self.target, self.matcher.couple, c.batch_size, c.seed,
+                              device=self.device if device is None else device)
+
+    def train_step(self, batch: tuple[torch.Tensor, torch.Tensor] | None = None) -> float:
+        """One optimisation step on ``batch`` (coupled (x0, x1) of this step; drawn here when None); returns the loss."""
+        c = self.config
+        x0, x1 = self.batches()[self.step] if batch is None else batch
+        x0, x1 = x0.to(self.device, non_blocking=True), x1.to(self.device, non_blocking=True)
         self.model.train()
-        loss = self.matcher.loss(self.model, x0, x1, generator=self.generator)
+        loss = self.matcher.loss(self.model, x0, x1, generator=self.generator, coupled=True)
         if not torch.isfinite(loss):
             raise RuntimeError(f"loss became {loss.item()} at step {self.step}; lower lr or enable grad_clip")
         self.optimizer.zero_grad(set_to_none=True)
@@ -160,9 +173,11 @@ class Trainer:
             self._truncate_log()
         start, history, losses = time.perf_counter(), [], []
         bar = tqdm(total=c.steps, initial=self.step, disable=not c.progress, desc="train", dynamic_ncols=True)
-        with _interrupts_at_step_boundaries() as interrupted, contextlib.closing(bar):
-            while self.step < c.steps:
-                losses.append(self.train_step())
+        batches = coupled_batch_stream(self.batches("cpu" if c.workers else None), range(self.step, c.steps),
+                                       workers=c.workers, pin_memory=self.device.type == "cuda")
+        with _interrupts_at_step_boundaries() as interrupted, contextlib.closing(bar), contextlib.closing(batches):
+            for batch in batches:
+                losses.append(self.train_step(batch))
                 bar.update(1)
                 row = {}
                 if self.step % c.log_every == 0 or self.step == c.steps:
@@ -216,7 +231,7 @@ class Trainer:
         state = {"step": self.step, "fingerprint": self._fingerprint(), "metadata": self.metadata,
                  "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
-                 "data_generator": self.data_generator.get_state(), "generator": self.generator.get_state()}
+                 "generator": self.generator.get_state()}
         atomic_write(path, lambda f: torch.save(state, f), binary=True)
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
@@ -234,7 +249,6 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
-        self.data_generator.set_state(state["data_generator"])
         self.generator.set_state(state["generator"])
         self.step = state["step"]
 

@@ -28,7 +28,11 @@ def test_toy_training_benchmark_quick(tmp_path):
     report, results = tmp_path / "toy.md", tmp_path / "toy.json"
     assert bench.main(["--quick", "--out", str(report), "--json", str(results)]) == 0
     assert "## Step time" in report.read_text() and "## Sample quality" in report.read_text()
-    [row] = json.loads(results.read_text())
+    written = json.loads(results.read_text())
+    [row] = written["runs"]
+    timing = written["worker_timing"]["gaussian-moons"]
+    assert set(timing) == {"torchcfm", "ours-trainer, 0 workers", "ours-trainer, 2 workers"}
+    assert all(v["step_ms"] > 0 for v in timing.values())
     # same initial weights, data and t draws: the Trainer reproduces the plain loop exactly
     assert row["trainer_matches_plain_loop"]
     variants = row["variants"]

@@ -68,3 +68,21 @@ def test_time_outside_unit_interval_raises(t):
 def test_model_of_wrong_output_shape_raises():
     with pytest.raises(ValueError, match="model returned shape"):
         ConditionalFlowMatcher().loss(lambda t, x: x[:, :1], torch.randn(4, 2), torch.randn(4, 2))
+
+
+def test_sample_of_a_coupled_batch_equals_sample_that_couples():
+    from ot_cfm.couplers.sinkhorn import SinkhornCoupler
+    x0, x1 = torch.randn(32, 2), torch.randn(32, 2) + 3
+    m = ConditionalFlowMatcher(SinkhornCoupler(epsilon=0.5), sigma=0.2)
+    whole = m.sample(x0, x1, generator=torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    a, b, _, _ = m.couple(x0, x1, generator=g)
+    split = m.sample(a, b, generator=g, coupled=True)
+    for name in ("t", "x_t", "u_t", "x0", "x1", "noise"):
+        torch.testing.assert_close(getattr(split, name), getattr(whole, name), rtol=0, atol=0)
+    assert not torch.equal(whole.x1, x1)  # the Sinkhorn draw did re-pair the batch
+
+
+def test_coupled_batch_is_validated():
+    with pytest.raises(ValueError, match="same batch size"):
+        ConditionalFlowMatcher().sample(torch.randn(4, 2), torch.randn(5, 2), coupled=True)

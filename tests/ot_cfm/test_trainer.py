@@ -1,4 +1,5 @@
 import json
+import multiprocessing
 import os
 import signal
 
@@ -96,7 +97,8 @@ def test_evaluation_runs_on_ema_weights_and_is_logged(tmp_path):
     assert [r["score"] for r in result.history if "score" in r] == [4.0, 8.0, 12.0]
 
 
-@pytest.mark.parametrize("bad", [dict(steps=0), dict(schedule="linear"), dict(ema_decay=1.0), dict(lr=-1.0)])
+@pytest.mark.parametrize("bad", [dict(steps=0), dict(schedule="linear"), dict(ema_decay=1.0), dict(lr=-1.0),
+                                 dict(workers=-1)])
 def test_bad_config_raises(bad):
     with pytest.raises(ValueError):
         TrainConfig(**bad)
@@ -105,3 +107,38 @@ def test_bad_config_raises(bad):
 def test_resume_without_out_dir_raises():
     with pytest.raises(ValueError, match="out_dir"):
         make_trainer(None, out_dir=None).fit(resume=True)
+
+
+def exact_trainer(folder, **overrides):
+    from ot_cfm.couplers.exact import ExactOTCoupler
+    trainer = make_trainer(folder, **overrides)
+    trainer.matcher = ConditionalFlowMatcher(ExactOTCoupler(), sigma=0.1)
+    return trainer
+
+
+def test_worker_processes_train_the_same_weights(tmp_path):
+    in_process = exact_trainer(tmp_path / "a")
+    in_process.fit()
+    with_workers = exact_trainer(tmp_path / "b", workers=2)
+    with_workers.fit()
+    torch.testing.assert_close(weights(with_workers), weights(in_process), rtol=0, atol=0)
+
+
+def test_sigint_with_workers_checkpoints_and_resumes_exactly(tmp_path):
+    full = exact_trainer(tmp_path / "full")
+    full.fit()
+
+    def interrupt_at_4(model, step):  # runs in the training process while the workers prefetch
+        if step == 4:  # Ctrl-C in a terminal signals the whole process group: the workers too
+            workers = multiprocessing.active_children()
+            assert len(workers) == 2
+            for pid in [w.pid for w in workers] + [os.getpid()]:
+                os.kill(pid, signal.SIGINT)
+        return {}
+    cut = exact_trainer(tmp_path / "cut", workers=2, eval_every=4)
+    cut.evaluate = interrupt_at_4
+    with pytest.raises(KeyboardInterrupt, match="step 4"):
+        cut.fit()
+    resumed = exact_trainer(tmp_path / "cut", workers=1)
+    resumed.fit(resume=True)
+    torch.testing.assert_close(weights(resumed), weights(full), rtol=0, atol=0)

@@ -1,0 +1,90 @@
+"""The stream of coupled training batches, reproducible batch by batch and computable ahead in worker processes.
+
+Batch k is a pure function of (seed, k): its draws come from ``batch_generator(seed, k)``, so
+
+    x0 = source(B, g_k),  x1 = target(B, g_k),  (x0, x1) <- coupler(x0, x1, generator=g_k).
+
+A resumed run therefore needs no data-generator state, and batches can be drawn and coupled by
+``torch.utils.data.DataLoader`` worker processes while the training process runs the model step:
+the exact OT solve (POT, scipy) is CPU work of its own, which workers take off the step's critical path
+(``benchmarks/results/toy_training.md``). On the CPU the batches do not depend on the number of workers.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Callable
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = ["batch_generator", "CoupledBatches", "coupled_batch_stream"]
+
+_MASK64 = (1 << 64) - 1
+
+
+def batch_generator(seed: int, step: int) -> torch.Generator:
+    """A CPU generator seeded by the splitmix64 hash of (seed, step).
+
+    torch's CPU engine (mt19937) keeps 32 bits of its seed; the hash spreads (seed, step) over them.
+    """
+    z = (seed * 0x9E3779B97F4A7C15 + step + 1) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return torch.Generator().manual_seed(z ^ (z >> 31))
+
+
+class CoupledBatches(Dataset):
+    """``batches[k]`` = (x0, x1), each (batch_size, *shape): batch k drawn from ``source`` and ``target`` with
+    ``batch_generator(seed, k)`` and paired by ``couple(x0, x1, generator=...)`` (a matcher's ``couple``, or
+    None to keep the i.i.d. pairing). Points are drawn on the CPU and coupled on ``device``."""
+
+    def __init__(self, source: Callable, target: Callable, couple: Callable | None, batch_size: int, seed: int,
+                 device: torch.device | str = "cpu"):
+        self.source, self.target, self.couple = source, target, couple
+        self.batch_size, self.seed, self.device = batch_size, seed, torch.device(device)
+
+    def __len__(self) -> int:
+        return 2**62  # indexed by step; the sampler decides which steps are drawn
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = batch_generator(self.seed, step)
+        x0 = self.source(self.batch_size, generator).to(self.device)
+        x1 = self.target(self.batch_size, generator).to(self.device)
+        if self.couple is not None:
+            x0, x1 = self.couple(x0, x1, generator=generator)[:2]
+        return x0, x1
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    # The training process turns Ctrl-C into a checkpoint at the next step boundary; its workers must
+    # keep serving batches until then instead of dying on the same signal.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def coupled_batch_stream(batches: CoupledBatches, steps: range, *, workers: int = 0, prefetch: int = 2,
+                         pin_memory: bool = False):
+    """A generator of ``batches[k]`` for k in ``steps``, in order (``close()`` it to stop early).
+
+    ``workers`` = 0 computes each batch in this process when it is asked for; ``workers`` > 0 computes them in
+    that many worker processes (on the CPU), up to ``prefetch`` batches per worker ahead of the consumer, in
+    pinned memory with ``pin_memory`` (for a CUDA consumer).
+    """
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    if workers == 0:
+        return (batches[k] for k in steps)
+    if batches.device.type != "cpu":
+        raise ValueError(f"worker processes couple on the CPU; build CoupledBatches with device='cpu', "
+                         f"not {batches.device}")
+    loader = DataLoader(batches, batch_size=None, sampler=steps, num_workers=workers, prefetch_factor=prefetch,
+                        worker_init_fn=_ignore_sigint, pin_memory=pin_memory)
+    return _closing_iteration(loader)
+
+
+def _closing_iteration(loader: DataLoader):
+    iterator = iter(loader)
+    try:
+        yield from iterator
+    finally:
+        del iterator  # a released DataLoader iterator shuts its workers down: closing the stream stops them
