@@ -174,7 +174,7 @@ class Trainer:
         start, history, losses = time.perf_counter(), [], []
         bar = tqdm(total=c.steps, initial=self.step, disable=not c.progress, desc="train", dynamic_ncols=True)
         batches = coupled_batch_stream(self.batches("cpu" if c.workers else None), range(self.step, c.steps),
-                                       workers=c.workers, pin_memory=self.device.type == "cuda")
+                                       workers=c.workers)
         with _interrupts_at_step_boundaries() as interrupted, contextlib.closing(bar), contextlib.closing(batches):
             for batch in batches:
                 losses.append(self.train_step(batch))

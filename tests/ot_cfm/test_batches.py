@@ -48,6 +48,18 @@ def test_worker_processes_yield_the_in_process_batches_in_order(workers):
         assert torch.equal(a0, b0) and torch.equal(a1, b1)
 
 
+def test_any_dtype_and_layout_crosses_from_workers_unchanged():
+    def bf16_images(n, generator=None):
+        return torch.randn(n, 3, 2, generator=generator).to(torch.bfloat16)
+
+    def transposed_float64(n, generator=None):  # non-contiguous
+        return torch.randn(2, 3, n, generator=generator, dtype=torch.float64).permute(2, 1, 0)
+    batches = CoupledBatches(bf16_images, transposed_float64, None, 5, 0)
+    for (a0, a1), (b0, b1) in zip(coupled_batch_stream(batches, range(3), workers=1), coupled_batch_stream(batches, range(3))):
+        assert a0.dtype == torch.bfloat16 and a1.dtype == torch.float64 and a1.shape == (5, 3, 2)
+        assert torch.equal(a0, b0) and torch.equal(a1, b1)
+
+
 def test_worker_errors_reach_the_training_process():
     def nan_target(n, generator=None):
         return torch.full((n, 2), float("nan"))
