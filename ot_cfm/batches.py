@@ -12,6 +12,7 @@ the exact OT solve (POT, scipy) is CPU work of its own, which workers take off t
 
 from __future__ import annotations
 
+import os
 import signal
 from typing import Callable
 
@@ -76,7 +77,8 @@ def coupled_batch_stream(batches: CoupledBatches, steps: range, *, workers: int 
     """A generator of ``batches[k]`` for k in ``steps``, in order (``close()`` it to stop early).
 
     ``workers`` = 0 computes each batch in this process when it is asked for; ``workers`` > 0 computes them in
-    that many worker processes (on the CPU), up to ``prefetch`` batches per worker ahead of the consumer.
+    that many worker processes (on the CPU), up to ``prefetch`` batches per worker ahead of the consumer,
+    and, until the stream ends or is closed, limits this process's torch threads to the cores the workers leave.
     """
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
@@ -90,10 +92,19 @@ def coupled_batch_stream(batches: CoupledBatches, steps: range, *, workers: int 
     return _closing_iteration(loader)
 
 
+def _available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _closing_iteration(loader: DataLoader):
+    # While the workers run, this process's torch keeps to the cores they leave (at least one): with two
+    # intra-op threads beside two workers on 2 cores, 2000 toy steps took 1.9x as long as with one.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(previous, _available_cores() - loader.num_workers)))
     iterator = iter(loader)
     try:
         for parts in iterator:
             yield _from_bytes(parts)
     finally:
         del iterator  # a released DataLoader iterator shuts its workers down: closing the stream stops them
+        torch.set_num_threads(previous)

@@ -60,6 +60,20 @@ def test_any_dtype_and_layout_crosses_from_workers_unchanged():
         assert torch.equal(a0, b0) and torch.equal(a1, b1)
 
 
+def test_workers_get_their_cores_while_the_stream_runs():
+    from ot_cfm.batches import _available_cores
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        stream = coupled_batch_stream(exact_batches(), range(4), workers=1)
+        next(stream)
+        assert torch.get_num_threads() == max(1, min(4, _available_cores() - 1))
+        stream.close()
+        assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_worker_errors_reach_the_training_process():
     def nan_target(n, generator=None):
         return torch.full((n, 2), float("nan"))
