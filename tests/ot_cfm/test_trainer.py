@@ -78,6 +78,15 @@ def test_checkpoint_from_another_configuration_is_refused(tmp_path):
         other_model.fit(resume=True)
 
 
+def test_checkpoint_with_another_data_stream_is_refused(tmp_path):
+    make_trainer(tmp_path, steps=5).fit()
+    state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)
+    del state["fingerprint"]["data_stream"]  # as written before batches were drawn per step
+    torch.save(state, tmp_path / CHECKPOINT_NAME)
+    with pytest.raises(ValueError, match="another configuration.*data_stream"):
+        make_trainer(tmp_path).fit(resume=True)
+
+
 def test_longer_run_may_resume_a_shorter_one(tmp_path):
     make_trainer(tmp_path, steps=6, schedule="constant").fit()
     longer = make_trainer(tmp_path, steps=10, schedule="constant")
