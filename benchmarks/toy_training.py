@@ -17,6 +17,10 @@ Euler NFE 1, 2, 4, 8 and dopri5, and NPE, come from ``ot_cfm.evaluation.evaluate
 
 torchcfm's exact sampler draws its pairs with numpy's global RNG; it is seeded once per run.
 
+A second timing runs whole blocks of steps in rotating order: torchcfm's loop against ``Trainer.fit``
+with 0 and 2 worker processes (``TrainConfig(workers=...)``), which couple batches in the background
+and so cannot be timed step by step next to the other loops.
+
     python -m benchmarks.toy_training --quick      # smoke run, from the repository root
     python -m benchmarks.toy_training              # full run, writes benchmarks/results/toy_training.md
 """
