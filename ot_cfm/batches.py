@@ -19,8 +19,11 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["batch_generator", "CoupledBatches", "coupled_batch_stream"]
+__all__ = ["DATA_STREAM", "batch_generator", "CoupledBatches", "coupled_batch_stream"]
 
+#: names how batch k is drawn; results stored with another name (checkpoints, cached experiment cells) were
+#: trained on other data and are refused or recomputed
+DATA_STREAM = "ot_cfm.batches.batch_generator(seed, step)"
 _MASK64 = (1 << 64) - 1
 
 

@@ -27,7 +27,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from ot_cfm.atomic import atomic_write
-from ot_cfm.batches import CoupledBatches, coupled_batch_stream
+from ot_cfm.batches import DATA_STREAM, CoupledBatches, coupled_batch_stream
 from ot_cfm.matcher import ConditionalFlowMatcher
 
 __all__ = ["TrainConfig", "TrainResult", "Trainer", "CHECKPOINT_NAME", "METRICS_NAME"]
@@ -35,8 +35,6 @@ __all__ = ["TrainConfig", "TrainResult", "Trainer", "CHECKPOINT_NAME", "METRICS_
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 # Fields that may change between a run and its resumption without changing the trained weights.
-# How batch k is drawn; checkpoints of runs that drew their data otherwise cannot resume exactly.
-_DATA_STREAM = "ot_cfm.batches.batch_generator(seed, step)"
 _RESUMABLE_FIELDS = ("steps", "out_dir", "progress", "eval_every", "checkpoint_every", "log_every", "workers")
 
 
@@ -224,7 +222,7 @@ class Trainer:
         config = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in _RESUMABLE_FIELDS}
         shapes = {k: list(v.shape) for k, v in self.model.state_dict().items()}
         return {"config": config, "parameter_shapes": shapes, "model": type(self.model).__name__,
-                "data_stream": _DATA_STREAM,
+                "data_stream": DATA_STREAM,
                 "matcher": type(self.matcher).__name__,
                 "coupler": type(self.matcher.coupler).__name__ if self.matcher.coupler else None}
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from ot_cfm.atomic import atomic_write
+from ot_cfm.batches import DATA_STREAM
 from ot_cfm.couplers.exact import ExactOTCoupler
 from ot_cfm.couplers.semidiscrete import SemidiscreteCoupler
 from ot_cfm.couplers.sinkhorn import SinkhornCoupler
@@ -259,8 +260,9 @@ def _cell_spec(cell: Cell, target: Target, config: ExperimentConfig) -> dict:
     spec = {"cell": asdict(cell), "config": asdict(config), "target_note": target.note}
     if target.fit:  # identifies a fitted potential: a refit (another solver, another budget) gives other cells
         spec["target_fit"] = target.fit
-    if cell.coupler == "trained":
-        return spec
+    if cell.coupler == "trained":  # the training batches depend on how the Trainer draws them
+        spec["data_stream"] = DATA_STREAM
+        return json.loads(json.dumps(spec))
     for name in ("train_steps", "train_lr", "train_width", "train_eval_n"):
         del spec["config"][name]
     if cell.coupler != "sinkhorn":

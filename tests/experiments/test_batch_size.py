@@ -1,13 +1,16 @@
 """The batch-size convergence experiment: quick mode, the B = 1 closed form, the decrease with B, resume."""
 
 import csv
+import json
 import math
 import time
 
 import pytest
 import torch
 
-from ot_cfm.experiments.batch_size import Cell, ExperimentConfig, fit_slopes, main, make_target, measure_cell
+from ot_cfm.batches import DATA_STREAM
+from ot_cfm.experiments.batch_size import (Cell, ExperimentConfig, fit_slopes, main, make_target, measure_cell,
+                                              run_experiment)
 
 
 def test_quick_mode_writes_csv_and_figures_within_a_minute(tmp_path):
@@ -100,3 +103,21 @@ def test_killed_run_resumes_to_the_same_csv(tmp_path):
     # the surviving cells were read back, not recomputed (their stored timing is unchanged)
     for name, text in sorted(cached.items())[1:]:
         assert (tmp_path / "resumed_cache" / name).read_text() == text
+
+
+def test_trained_cell_from_another_data_stream_is_recomputed(tmp_path):
+    """A trained cell cached before the Trainer drew its batches as it does now is stale: recomputed."""
+    cell = Cell("gauss2", "trained", 4, 0)
+    config = ExperimentConfig(train_steps=2, train_eval_n=64, times=(0.5,))
+    run_experiment([cell], config, tmp_path, progress=False)
+    path = tmp_path / f"{cell.key}.json"
+    stored = json.loads(path.read_text())
+    assert stored["spec"]["data_stream"] == DATA_STREAM
+    fresh_loss = stored["metrics"]["train_loss"]
+
+    del stored["spec"]["data_stream"]  # as cached by a version without per-step batches
+    stored["metrics"]["train_loss"] = -1.0
+    path.write_text(json.dumps(stored))
+    (row,) = run_experiment([cell], config, tmp_path, progress=False)
+    assert row["train_loss"] == fresh_loss
+    assert json.loads(path.read_text())["spec"]["data_stream"] == DATA_STREAM
