@@ -10,6 +10,8 @@ A coupler (exact OT, Sinkhorn, independent, semidiscrete) re-pairs (x0, x1) firs
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -44,10 +46,13 @@ class ConditionalFlowMatcher:
     """
 
     def __init__(self, coupler: Coupler | None = None, sigma: float = 0.0):
-        if sigma < 0:
-            raise ValueError(f"sigma must be >= 0, got {sigma}")
+        if not math.isfinite(sigma) or sigma < 0:
+            raise ValueError(f"sigma must be finite and >= 0, got {sigma}")
         self.coupler = coupler
         self.sigma = float(sigma)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(coupler={self.coupler!r}, sigma={self.sigma})"
 
     def couple(self, x0: torch.Tensor, x1: torch.Tensor, y0: torch.Tensor | None = None,
                y1: torch.Tensor | None = None, *, generator: torch.Generator | None = None) -> tuple:

@@ -74,6 +74,9 @@ class TrainConfig:
             raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+        if self.log_every < 1 or self.checkpoint_every < 1 or self.eval_every < 0:
+            raise ValueError(f"log_every and checkpoint_every must be >= 1 and eval_every >= 0 (0: only at the end), "
+                             f"got {self.log_every}, {self.checkpoint_every} and {self.eval_every}")
         if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip < 0:
             raise ValueError("lr must be positive, warmup_steps and grad_clip non-negative")
 
@@ -98,7 +101,8 @@ class Trainer:
         config: TrainConfig.
         evaluate: optional ``evaluate(model, step) -> dict`` of floats, called every ``eval_every`` steps
             and at the end on the EMA weights when EMA is on; its values enter the metrics log.
-        metadata: JSON-able facts stored in checkpoints (for example how to rebuild the model).
+        metadata: JSON-able facts stored in checkpoints (for example how to rebuild the model, the names of
+            the samplers); part of the fingerprint that a checkpoint must match to resume.
     """
 
     def __init__(self, model: nn.Module, matcher: ConditionalFlowMatcher, source: Callable, target: Callable,
@@ -219,12 +223,17 @@ class Trainer:
             path.write_text("".join(r + "\n" for r in rows))
 
     def _fingerprint(self) -> dict:
-        config = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in _RESUMABLE_FIELDS}
+        """What decides the trained weights besides the checkpointed state; a checkpoint must match it to resume.
+
+        The samplers are not in it (functions have no stable description): name them in ``metadata``.
+        """
+        resumable = set(_RESUMABLE_FIELDS)
+        if self.config.schedule == "cosine":  # the schedule's length sets the lr of every step
+            resumable.discard("steps")
+        config = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in resumable}
         shapes = {k: list(v.shape) for k, v in self.model.state_dict().items()}
-        return {"config": config, "parameter_shapes": shapes, "model": type(self.model).__name__,
-                "data_stream": DATA_STREAM,
-                "matcher": type(self.matcher).__name__,
-                "coupler": type(self.matcher.coupler).__name__ if self.matcher.coupler else None}
+        return {"config": config, "parameter_shapes": shapes, "model": repr(self.model),
+                "data_stream": DATA_STREAM, "matcher": repr(self.matcher), "metadata": self.metadata}
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
         """Write everything needed to resume, atomically (temporary file in the same folder, then rename)."""
@@ -239,7 +248,7 @@ class Trainer:
         """Restore a checkpoint written by ``save_checkpoint``; raise ValueError if it comes from another configuration."""
         state = torch.load(path, map_location=self.device, weights_only=False)
         theirs, ours = state.get("fingerprint", {}), self._fingerprint()
-        diffs = [f"{key}: checkpoint {theirs.get(key)!r} vs now {ours[key]!r}" for key in ours
+        diffs = [f"{key}: checkpoint {_short(theirs.get(key))} vs now {_short(ours[key])}" for key in ours
                  if key != "config" and theirs.get(key) != ours[key]]
         diffs += [f"config.{k}: checkpoint {theirs.get('config', {}).get(k)!r} vs now {v!r}"
                   for k, v in ours["config"].items() if theirs.get("config", {}).get(k) != v]
@@ -252,6 +261,12 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         self.generator.set_state(state["generator"])
         self.step = state["step"]
+
+
+def _short(value, limit: int = 200) -> str:
+    """repr of a fingerprint entry, cut to ``limit`` characters (model descriptions run to pages)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "...'"
 
 
 @contextlib.contextmanager

@@ -45,6 +45,11 @@ class SemidiscreteCoupler(Coupler):
         self.support_labels = support_labels
         self.discrete = isinstance(potential, DiscreteBrenierPotential)
 
+    def __repr__(self) -> str:
+        size = f", n_support={self.potential.n_support}" if self.discrete else ""
+        return (f"{type(self).__name__}(potential={type(self.potential).__name__}(dim={self.potential.dim}{size}), "
+                f"labelled={self.support_labels is not None})")
+
     def validate(self, x0: torch.Tensor, x1: torch.Tensor | None) -> None:
         """x0 is a finite (B0, *shape) batch with prod(shape) = dim; x1, if given, matches its shape/dtype/device."""
         if x1 is None:

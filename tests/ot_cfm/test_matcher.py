@@ -65,6 +65,12 @@ def test_time_outside_unit_interval_raises(t):
         ConditionalFlowMatcher().sample(torch.randn(4, 2), torch.randn(4, 2), t=torch.full((4,), t))
 
 
+@pytest.mark.parametrize("sigma", [-0.1, float("nan"), float("inf")])
+def test_sigma_must_be_finite_and_non_negative(sigma):
+    with pytest.raises(ValueError, match="sigma must be finite"):
+        ConditionalFlowMatcher(sigma=sigma)
+
+
 def test_model_of_wrong_output_shape_raises():
     with pytest.raises(ValueError, match="model returned shape"):
         ConditionalFlowMatcher().loss(lambda t, x: x[:, :1], torch.randn(4, 2), torch.randn(4, 2))

@@ -6,6 +6,7 @@ import signal
 import pytest
 import torch
 
+from ot_cfm.couplers.sinkhorn import SinkhornCoupler
 from ot_cfm.data import toy_sampler
 from ot_cfm.matcher import ConditionalFlowMatcher
 from ot_cfm.models import MLP
@@ -85,6 +86,41 @@ def test_checkpoint_with_another_data_stream_is_refused(tmp_path):
     torch.save(state, tmp_path / CHECKPOINT_NAME)
     with pytest.raises(ValueError, match="another configuration.*data_stream"):
         make_trainer(tmp_path).fit(resume=True)
+
+
+def test_checkpoint_from_another_matcher_model_or_metadata_is_refused(tmp_path):
+    """Settings outside TrainConfig that change the weights: sigma, the coupler's settings, the activation
+    (same parameter shapes), and the metadata naming the data."""
+    make_trainer(tmp_path, steps=5).fit()
+    config = make_trainer(tmp_path, steps=5).config
+    torch.manual_seed(0)
+    others = {
+        "matcher": Trainer(MLP(2, width=16, depth=2), ConditionalFlowMatcher(sigma=0.2), toy_sampler("gaussian"),
+                           toy_sampler("moons"), config),
+        "Sinkhorn": Trainer(MLP(2, width=16, depth=2), ConditionalFlowMatcher(SinkhornCoupler(epsilon=0.1), sigma=0.1),
+                            toy_sampler("gaussian"), toy_sampler("moons"), config),
+        "model": Trainer(MLP(2, width=16, depth=2, activation="relu"), ConditionalFlowMatcher(sigma=0.1),
+                         toy_sampler("gaussian"), toy_sampler("moons"), config),
+        "metadata": Trainer(MLP(2, width=16, depth=2), ConditionalFlowMatcher(sigma=0.1), toy_sampler("gaussian"),
+                            toy_sampler("moons"), config, metadata={"target": "circles"}),
+    }
+    for name, trainer in others.items():
+        with pytest.raises(ValueError, match=f"another configuration.*{name}"):
+            trainer.fit(resume=True)
+    make_trainer(tmp_path, steps=5).fit(resume=True)  # the same settings resume
+
+
+def test_cosine_schedule_cannot_be_extended_on_resume(tmp_path):
+    """The cosine schedule's length sets every step's lr: a longer run is another configuration."""
+    make_trainer(tmp_path, steps=6).fit()
+    with pytest.raises(ValueError, match="another configuration.*config.steps"):
+        make_trainer(tmp_path, steps=10).fit(resume=True)
+
+
+@pytest.mark.parametrize("field", ["log_every", "checkpoint_every"])
+def test_zero_logging_or_checkpoint_interval_is_refused(field):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: 0})
 
 
 def test_longer_run_may_resume_a_shorter_one(tmp_path):
