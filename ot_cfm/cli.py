@@ -50,10 +50,6 @@ def _load_sampling_model(checkpoint: Path):
     return model.eval(), meta
 
 
-def _print_quality(quality) -> None:
-    print(quality.to_markdown())
-
-
 def cmd_train(args) -> int:
     from ot_cfm.data import toy_sampler
     from ot_cfm.evaluation import evaluate_samples
@@ -88,7 +84,7 @@ def cmd_train(args) -> int:
                           tensors.get("trajectory"),
                           title=f"{args.source} -> {args.target}, {args.coupler} coupler, {result.step} steps")
     print(f"trained {result.step} steps in {train_seconds:.1f} s; final loss {result.loss:.4f}")
-    _print_quality(quality)
+    print(quality.to_markdown())
     print(f"wrote {out / CHECKPOINT_NAME}, {out / 'metrics.json'}, {figure}")
     return 0
 
@@ -115,46 +111,50 @@ def cmd_sample(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from ot_cfm.data import TOY_DATASETS
+    from ot_cfm.models import ACTIVATIONS
 
     parser = argparse.ArgumentParser(prog="ot-cfm", description="Minibatch OT conditional flow matching.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a 2D toy flow, evaluate W2 at several NFE, save a figure",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    train.add_argument("--source", choices=TOY_DATASETS, default="8gaussians")
-    train.add_argument("--target", choices=TOY_DATASETS, default="moons")
-    train.add_argument("--coupler", choices=COUPLERS, default="exact")
+    train.add_argument("--source", choices=TOY_DATASETS, default="8gaussians", help="source distribution")
+    train.add_argument("--target", choices=TOY_DATASETS, default="moons", help="target distribution")
+    train.add_argument("--coupler", choices=COUPLERS, default="exact", help="minibatch coupling")
     train.add_argument("--epsilon", type=float, default=0.05, help="Sinkhorn regularisation (relative to the mean cost)")
     train.add_argument("--sigma", type=float, default=0.0, help="path noise of the matcher")
-    train.add_argument("--steps", type=int, default=5000)
-    train.add_argument("--batch-size", type=int, default=256)
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--warmup", type=int, default=0)
-    train.add_argument("--schedule", choices=("constant", "cosine"), default="cosine")
-    train.add_argument("--grad-clip", type=float, default=0.0)
-    train.add_argument("--ema-decay", type=float, default=0.0)
-    train.add_argument("--width", type=int, default=64)
-    train.add_argument("--depth", type=int, default=3)
-    train.add_argument("--activation", default="selu")
-    train.add_argument("--time-embedding", choices=("concat", "sinusoidal"), default="concat")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--checkpoint-every", type=int, default=1000)
+    train.add_argument("--steps", type=int, default=5000, help="optimisation steps")
+    train.add_argument("--batch-size", type=int, default=256, help="points per batch")
+    train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    train.add_argument("--warmup", type=int, default=0, help="linear lr warm-up steps")
+    train.add_argument("--schedule", choices=("constant", "cosine"), default="cosine",
+                       help="lr schedule after the warm-up (cosine: to 0 at --steps, so --resume cannot extend it)")
+    train.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
+    train.add_argument("--ema-decay", type=float, default=0.0, help="EMA of the weights for sampling (0: off)")
+    train.add_argument("--width", type=int, default=64, help="MLP hidden width")
+    train.add_argument("--depth", type=int, default=3, help="MLP hidden layers")
+    train.add_argument("--activation", choices=ACTIVATIONS, default="selu",
+                       help="MLP activation")
+    train.add_argument("--time-embedding", choices=("concat", "sinusoidal"), default="concat",
+                       help="how t enters the MLP")
+    train.add_argument("--seed", type=int, default=0, help="seed of the weights, batches and t draws")
+    train.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints")
     train.add_argument("--workers", type=int, default=0,
                        help="processes that draw and couple batches ahead of the model step (0: none; the "
                             "weights do not depend on it)")
-    train.add_argument("--eval-samples", type=int, default=2000)
+    train.add_argument("--eval-samples", type=int, default=2000, help="samples for the final W2 and NPE")
     train.add_argument("--out", default="runs/default", help="output folder")
     train.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    train.add_argument("--no-progress", action="store_true")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
 
     smp = sub.add_parser("sample", help="sample from a checkpoint written by `ot-cfm train`",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    smp.add_argument("checkpoint")
-    smp.add_argument("--n", type=int, default=2000)
+    smp.add_argument("checkpoint", help="checkpoint.pt written by `ot-cfm train`")
+    smp.add_argument("--n", type=int, default=2000, help="samples to draw")
     smp.add_argument("--solver", choices=("euler", "midpoint", "rk4", "dopri5", "tsit5"), default="dopri5")
     smp.add_argument("--steps", type=int, default=8, help="steps of fixed-step solvers")
-    smp.add_argument("--seed", type=int, default=0)
+    smp.add_argument("--seed", type=int, default=0, help="seed of the source draws")
     smp.add_argument("--out", default="runs/samples", help="output path without suffix (.pt and .png written)")
     smp.set_defaults(func=cmd_sample)
 

@@ -9,9 +9,10 @@ from torch import nn
 
 from ot_cfm.validation import as_time_tensor
 
-__all__ = ["MLP", "SinusoidalTimeEmbedding", "unet"]
+__all__ = ["ACTIVATIONS", "MLP", "SinusoidalTimeEmbedding", "unet"]
 
-_ACTIVATIONS = {"selu": nn.SELU, "relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU, "tanh": nn.Tanh, "elu": nn.ELU}
+#: activation name -> module class, the choices of ``MLP(activation=...)``
+ACTIVATIONS = {"selu": nn.SELU, "relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU, "tanh": nn.Tanh, "elu": nn.ELU}
 
 
 class SinusoidalTimeEmbedding(nn.Module):
@@ -44,8 +45,8 @@ class MLP(nn.Module):
     def __init__(self, dim: int, width: int = 64, depth: int = 3, activation: str = "selu",
                  time_embedding: str = "concat", time_features: int = 16):
         super().__init__()
-        if activation not in _ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         if depth < 1 or width < 1 or dim < 1:
             raise ValueError(f"dim, width and depth must be positive, got dim={dim}, width={width}, depth={depth}")
         if time_embedding == "concat":
@@ -58,7 +59,7 @@ class MLP(nn.Module):
         layers: list[nn.Module] = []
         in_features = dim + t_dim
         for _ in range(depth):
-            layers += [nn.Linear(in_features, width), _ACTIVATIONS[activation]()]
+            layers += [nn.Linear(in_features, width), ACTIVATIONS[activation]()]
             in_features = width
         layers.append(nn.Linear(in_features, dim))
         self.net = nn.Sequential(*layers)
