@@ -1,7 +1,7 @@
 """Batch-size convergence of minibatch OT-CFM (issue 5): errors against B, slopes, figures.
 
-    python examples/batch_size_convergence.py --train            # the full run (see examples/results/batch_size.md)
-    python examples/batch_size_convergence.py --quick --out quick_results   # under a minute
+    python examples/batch_size_convergence.py --train --train-seeds 1 --out examples/results   # the committed run
+    python examples/batch_size_convergence.py --quick             # under a minute, writes runs/batch_size
 
 Same options as ``ot-cfm experiment batch-size``; ``--help`` lists them.
 """

@@ -8,9 +8,9 @@ weights and data stream. Sample quality is the exact W2 in pixel space between g
 held-out images at Euler NFE 1 and 4 and dopri5, next to the W2 between training and held-out images.
 
     python examples/images.py                        # digits, writes examples/results/images_digits.{png,md}
-    python examples/images.py --resume --steps 3000  # continue both runs from their checkpoints
+    python examples/images.py --resume               # after an interruption: continue both runs from their checkpoints
     python examples/images.py --dataset mnist --data-path ~/data/mnist --figures runs/images
-    python examples/images.py --quick --out runs/images_quick --figures runs/images_quick
+    python examples/images.py --quick                # smoke run, outputs in runs/images_quick
 """
 
 from __future__ import annotations
@@ -154,7 +154,8 @@ def to_markdown(w2: dict, nfe: dict, floor: float, noise: float, n: int, args, c
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke run: MLP, 150 steps, 200 evaluation images")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: MLP, 150 steps, 200 evaluation images, outputs in runs/images_quick")
     p.add_argument("--dataset", choices=("digits", "mnist", "cifar10"), default="digits")
     p.add_argument("--data-path", type=Path, default=None,
                    help=f"folder with MNIST's {' and '.join(MNIST_FILES)} (.gz allowed) or CIFAR-10's "
@@ -176,9 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv=None) -> dict:
     """Train both methods, evaluate, write the figure and the table; returns W2s, NFEs, references and paths."""
-    args = build_parser().parse_args(argv)
-    if args.quick:
-        args.model, args.steps, args.eval_samples, args.no_progress = "mlp", 150, 200, True
+    parser = build_parser()
+    if parser.parse_known_args(argv)[0].quick:  # new defaults: flags given explicitly still win
+        parser.set_defaults(model="mlp", steps=150, eval_samples=200, no_progress=True,
+                            out=Path("runs/images_quick"), figures=Path("runs/images_quick"))
+    args = parser.parse_args(argv)
     command = "python examples/images.py " + " ".join(sys.argv[1:] if argv is None else argv)
     generator = torch.Generator().manual_seed(args.seed)
     train_images, held_out = load_images(args.dataset, args.data_path, generator)

@@ -538,7 +538,7 @@ def build_parser(prog: str = "ot-cfm experiment batch-size") -> argparse.Argumen
     p.add_argument("--moons-points", type=int, help="support size of the moons target (default 1000)")
     p.add_argument("--fit-seconds", type=float, help="time limit of each potential fit (default 90)")
     p.add_argument("--slope-min-b", type=int, default=16, help="smallest B in the slope fits (default 16)")
-    p.add_argument("--out", default="examples/results", help="folder of the CSV, markdown and figures")
+    p.add_argument("--out", default="runs/batch_size", help="folder of the CSV, markdown and figures")
     p.add_argument("--cache", default="runs/batch_size_cache",
                    help="folder of cached cells and fitted potentials (default runs/batch_size_cache)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
