@@ -41,8 +41,8 @@ def evaluate_samples(model, source, target, *, n: int = 2000, euler_nfes=(1, 2, 
                      device: torch.device | str | None = None) -> tuple[SampleQuality, dict]:
     """Sample n points with Euler at each NFE in ``euler_nfes`` and with dopri5, compare with n fresh target points.
 
-    Returns the SampleQuality and a dict of tensors for plotting: source, target, generated (dopri5
-    or the finest Euler), and the dopri5 trajectory (101, n, *shape) when ``adaptive``.
+    Returns the SampleQuality and a dict of tensors for plotting: source, target, generated (dopri5,
+    or Euler with the last NFE of ``euler_nfes``), and the dopri5 trajectory (101, n, *shape) when ``adaptive``.
     """
     x0 = source(n, generator).to(device)
     x1 = target(n, generator).to(device)

@@ -62,8 +62,8 @@ def sample(field, x0: torch.Tensor, *, solver: str = "dopri5", steps: int | None
     """
     check_batch(x0, "x0")
     if solver in FIXED_STEP_SOLVERS:
-        if steps is None or int(steps) < 1:
-            raise ValueError(f"solver {solver!r} is fixed-step: give steps >= 1, got {steps}")
+        if steps is None or int(steps) != steps or steps < 1:
+            raise ValueError(f"solver {solver!r} is fixed-step: give an integer steps >= 1, got {steps}")
         grid = torch.linspace(t_span[0], t_span[1], int(steps) + 1, dtype=x0.dtype)
     elif solver in ADAPTIVE_SOLVERS:
         if steps is not None:

@@ -64,8 +64,8 @@ def field_error(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], pot
         model: a field ``v(t, x)``; t is passed as a (n,) tensor, x as (n, dim) or (n, *shape).
         potential: the target's Brenier potential.
         times: times in [0, 1).
-        n: number of source samples x0 ~ N(0, I) (drawn with ``generator`` on its device).
-        source: optional (n, dim) source samples used instead of drawing (fixes device and dtype).
+        n: number of source samples x0 ~ N(0, I) (drawn with ``generator`` on its device); unused with ``source``.
+        source: optional (N, dim) source samples used instead of drawing (fixes N, device and dtype).
         shape: per-sample shape the model expects (default (dim,)).
     """
     if source is None:
@@ -88,8 +88,8 @@ def field_error(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], pot
     for t in times:
         xt = (1 - t) * source + t * target
         v = model(as_time_tensor(t, source), xt.reshape(source.shape[0], *shape))
-        if v.numel() != xt.numel():
+        if tuple(v.shape) != (source.shape[0], *shape):
             raise ValueError(f"model returned shape {tuple(v.shape)} for input of shape "
-                             f"{(source.shape[0], *shape)}")
+                             f"{(source.shape[0], *shape)}; a field returns its input's shape")
         errors.append((v.reshape(xt.shape) - exact).square().sum(1).mean() / scale)
     return FieldErrorReport(times=times, errors=torch.stack(errors))

@@ -204,6 +204,8 @@ def cell_masses(potential: DiscreteBrenierPotential, n: int, *, source: Source |
     Returns ``(masses, tv)`` with ``tv = 1/2 sum_j |masses_j - w_j|``. Plain i.i.d. samples (no
     QMC), so the TV estimate has the familiar noise floor ``~0.4 sqrt(N / n)``.
     """
+    if int(n) != n or n < 2:
+        raise ValueError(f"n must be an integer >= 2 (samples are drawn in two equal halves), got {n!r}")
     generator = _as_generator(generator)
     y = potential.support
     draw = _stream(source, y.shape[1], generator, False, y.device, y.dtype)
@@ -255,6 +257,8 @@ def fit_discrete_potential(support: torch.Tensor, weights: torch.Tensor | None =
                          "(use method='sgd')")
     if not (tol > 0 and max_time > 0 and max_iters >= 1):
         raise ValueError(f"need tol > 0, max_time > 0, max_iters >= 1; got {tol}, {max_time}, {max_iters}")
+    if (batch_size is not None and batch_size < 2) or (chunk_size is not None and chunk_size < 1):
+        raise ValueError(f"batch_size must be >= 2 and chunk_size >= 1 (or None), got {batch_size} and {chunk_size}")
     generator = _as_generator(generator)
     chunk = chunk_size or max(256, min(2 ** 16, 2 ** 22 // num))
     batch = 2 ** math.ceil(math.log2(batch_size or max(2 ** 14, 16 * num)))

@@ -13,7 +13,7 @@ candidate graph and certifies optimality on the full one; it is the fastest at l
 
 For B0 == B1 the optimal extreme plan is a permutation (Birkhoff): ``indices`` returns every
 source and every target exactly once, unlike torchcfm's exact sampler, which draws B pairs with
-replacement from the plan (about 1 - 1/e = 36.7 % duplicates, see ``benchmarks/couplers.py``).
+replacement from the plan (about 1/e = 36.8 % duplicates, see ``benchmarks/couplers.py``).
 """
 
 from __future__ import annotations

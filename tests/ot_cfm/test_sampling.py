@@ -50,6 +50,8 @@ def test_bad_arguments_raise():
     x0 = torch.randn(3, 2)
     with pytest.raises(ValueError, match="fixed-step"):
         sample(lambda t, x: x, x0, solver="euler")
+    with pytest.raises(ValueError, match="integer steps"):
+        sample(lambda t, x: x, x0, solver="euler", steps=2.7)
     with pytest.raises(ValueError, match="adaptive"):
         sample(lambda t, x: x, x0, solver="dopri5", steps=10)
     with pytest.raises(ValueError, match="solver must be"):

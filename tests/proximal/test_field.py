@@ -116,3 +116,5 @@ def test_field_error_bad_input():
         field_error(model, potential, [0.5], 0)
     with pytest.raises(ValueError):
         field_error(lambda t, x: x[:, :2], potential, [0.5], 10)
+    with pytest.raises(ValueError, match="model returned shape"):  # right size, wrong layout
+        field_error(lambda t, x: model(t, x).T, potential, [0.5], 10)

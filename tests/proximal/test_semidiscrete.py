@@ -106,10 +106,17 @@ def test_returns_discrete_potential_with_centred_duals():
      r"shape \(\d+, 2\)"),
     (torch.tensor([[0.0, 1.0], [1.0, 0.0]]), None, {"method": "lbfgs"}, "method"),
     (torch.tensor([[0.0, 1.0], [1.0, 0.0]]), None, {"tol": 0.0}, "tol"),
+    (torch.tensor([[0.0, 1.0], [1.0, 0.0]]), None, {"batch_size": -1}, "batch_size"),
 ])
 def test_bad_inputs_raise(support, weights, kwargs, match):
     with pytest.raises(ValueError, match=match):
         fit_discrete_potential(support, weights, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2.5])
+def test_cell_masses_needs_an_integer_sample_count_of_at_least_two(n):
+    with pytest.raises(ValueError, match="n must be an integer >= 2"):
+        cell_masses(EXACT, n)
 
 
 def test_sphere_samples_in_3d():
