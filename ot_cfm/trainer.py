@@ -253,7 +253,9 @@ class Trainer:
         diffs += [f"config.{k}: checkpoint {theirs.get('config', {}).get(k)!r} vs now {v!r}"
                   for k, v in ours["config"].items() if theirs.get("config", {}).get(k) != v]
         if diffs:
-            raise ValueError(f"checkpoint {path} comes from another configuration: " + "; ".join(diffs))
+            hint = (" (a cosine schedule is fixed by its length: only constant-schedule runs can be extended)"
+                    if "steps" in ours["config"] and theirs.get("config", {}).get("steps") != self.config.steps else "")
+            raise ValueError(f"checkpoint {path} comes from another configuration: " + "; ".join(diffs) + hint)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
