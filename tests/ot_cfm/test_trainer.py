@@ -187,3 +187,23 @@ def test_sigint_with_workers_checkpoints_and_resumes_exactly(tmp_path):
     resumed = exact_trainer(tmp_path / "cut", workers=1)
     resumed.fit(resume=True)
     torch.testing.assert_close(weights(resumed), weights(full), rtol=0, atol=0)
+
+
+def test_learning_rate_follows_warmup_then_cosine():
+    """lr of step k: lr (k + 1) / W during the warm-up (k < W), then lr (1 + cos(pi (k - W) / (S - W))) / 2,
+    written here from the formula (a constant or an off-by-one schedule fails)."""
+    import math
+
+    trainer = make_trainer(None, steps=12, warmup_steps=3, lr=0.01, out_dir=None)
+    used = []
+    for _ in range(12):
+        used.append(trainer.optimizer.param_groups[0]["lr"])
+        trainer.train_step()
+    expected = [0.01 * (k + 1) / 3 if k < 3 else 0.01 * 0.5 * (1 + math.cos(math.pi * (k - 3) / 9)) for k in range(12)]
+    assert used == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    constant = make_trainer(None, steps=12, warmup_steps=2, lr=0.01, out_dir=None, schedule="constant")
+    used = []
+    for _ in range(4):
+        used.append(constant.optimizer.param_groups[0]["lr"])
+        constant.train_step()
+    assert used == pytest.approx([0.005, 0.01, 0.01, 0.01], rel=1e-12)
