@@ -46,6 +46,7 @@ def test_writes_figures_and_table(quick):
 def test_exact_paths_land_on_transport_map(quick):
     example, result = quick
     potential, traj = result["potential"], result["trajectories"]
+    assert potential.fit_report.converged, potential.fit_report  # the field errors below assume a fitted potential
     assert traj["endpoint_error"] < 1e-10
     # independently of the example's own check: Euler through the exact field, 1 and 3 steps, float64
     x0 = torch.randn(512, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
