@@ -100,7 +100,11 @@ def gaussian_sampler(shape: tuple[int, ...], *, device=None, dtype: torch.dtype 
 
 
 class TensorSampler:
-    """Draws i.i.d. rows (with replacement) of a dataset tensor (N, *shape), with their labels if given."""
+    """Draws i.i.d. rows (with replacement) of a dataset tensor (N, *shape).
+
+    ``indices(n, generator)`` are the row numbers that ``__call__`` draws from the same generator state,
+    so ``sampler.labels[indices]`` are the labels (N,) of those rows when labels were given.
+    """
 
     def __init__(self, data: torch.Tensor, labels: torch.Tensor | None = None):
         if data.shape[0] == 0:

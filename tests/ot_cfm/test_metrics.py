@@ -1,4 +1,5 @@
 import numpy as np
+import ot
 import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -43,3 +44,83 @@ def test_metric_inputs_are_validated():
         wasserstein2(torch.zeros(2, 2), torch.zeros(2, 3))
     with pytest.raises(ValueError, match="increasing"):
         path_energy(torch.zeros(3, 2, 2), torch.tensor([0.0, 0.5, 0.5]))
+
+
+def test_w2_unequal_random_sets_matches_pot_in_float64():
+    """37 vs 53 random points: W2 is sqrt of POT's exact emd2 on float64 squared costs. The same
+    solver on the same float64 costs agrees to rounding (1e-12); float32 inputs must be promoted
+    before the costs are formed, which float32 costs (error ~1e-7 relative) would miss."""
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(37, 3, generator=g, dtype=torch.float64)
+    b = 0.8 * torch.randn(53, 3, generator=g, dtype=torch.float64) + torch.tensor([0.5, -0.3, 0.2], dtype=torch.float64)
+
+    def reference(x, y):
+        x, y = x.double().numpy(), y.double().numpy()
+        return np.sqrt(ot.emd2(np.full(len(x), 1 / len(x)), np.full(len(y), 1 / len(y)), ot.dist(x, y), numItermax=10**9))
+
+    expected = reference(a, b)
+    assert wasserstein2(a, b) == pytest.approx(expected, rel=1e-12)
+    assert wasserstein2(b, a) == pytest.approx(expected, rel=1e-12)
+    a32, b32 = a.float(), b.float()
+    assert wasserstein2(a32, b32) == pytest.approx(reference(a32, b32), rel=1e-12)
+
+
+def test_w2_of_two_single_points_is_their_distance():
+    """W2 itself, not W2^2: two Dirac masses 3 apart are at W2 = 3 (9 would be the square)."""
+    a, b = torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, -1.0]])
+    assert wasserstein2(a, b) == pytest.approx(3.0, rel=1e-12)
+
+
+def test_w2_raises_when_the_solver_stops_early():
+    """An iteration cap below what the simplex needs must raise, not return a suboptimal value."""
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(20, 2, generator=g), torch.randn(30, 2, generator=g)
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="max_iterations"):
+        wasserstein2(a, b, max_iterations=1)
+
+
+# x(t) = t^2 c on times 0, 0.1, 0.5, 1: x_{k+1} - x_k = (t_{k+1}^2 - t_k^2) c, so each term
+# |x_{k+1} - x_k|^2 / (t_{k+1} - t_k) is (t_{k+1} + t_k)^2 (t_{k+1} - t_k) |c|^2:
+# 0.1^2 * 0.1 + 0.6^2 * 0.4 + 1.5^2 * 0.5 = 0.001 + 0.144 + 1.125 = 1.27 (the integral would be 4/3).
+# Ignoring the times (even steps of 1/3) gives 3 * (0.01^2 + 0.24^2 + 0.75^2) = 1.8606; (sum |dx|)^2 gives 1.
+UNEVEN_TIMES = [0.0, 0.1, 0.5, 1.0]
+UNEVEN_FACTOR = 1.27
+
+
+def quadratic_paths(seed=4):
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(5, 2, 3, generator=g, dtype=torch.float64)  # batch of 5, per-sample shape (2, 3)
+    times = torch.tensor(UNEVEN_TIMES, dtype=torch.float64)
+    return (times**2)[:, None, None, None] * c, times, c.flatten(1).pow(2).sum(1)  # (K, B, 2, 3), (K,), |c|^2 (B,)
+
+
+def test_path_energy_on_an_uneven_grid_matches_the_hand_discretisation():
+    """Curved paths on an uneven grid: the value is mean over the batch of sum over steps of the
+    squared step (summed over all coordinates) over dt, i.e. 1.27 mean |c|^2; exact up to rounding."""
+    traj, times, c_sq = quadratic_paths()
+    expected = UNEVEN_FACTOR * c_sq.mean().item()
+    assert path_energy(traj, times) == pytest.approx(expected, rel=1e-12)
+    # per-sample check: one path alone gives its own 1.27 |c_b|^2 (mean over the batch, not the sum)
+    for b in range(traj.shape[1]):
+        assert path_energy(traj[:, b : b + 1], times) == pytest.approx(UNEVEN_FACTOR * c_sq[b].item(), rel=1e-12)
+    # float32 times are cast to the trajectory's dtype; only their rounding (~1e-7) differs
+    assert path_energy(traj, times.float()) == pytest.approx(expected, rel=1e-6)
+
+
+def test_normalized_path_energy_on_curved_paths():
+    """NPE = |E - W2^2| / W2^2 with E = 1.27 mean |c|^2: against W2^2 = mean |c|^2 (the straight
+    path's energy) it is 0.27, and against a W2^2 above E it is still positive (absolute value)."""
+    traj, times, c_sq = quadratic_paths()
+    w2_squared = c_sq.mean().item()
+    assert normalized_path_energy(traj, times, w2_squared) == pytest.approx(UNEVEN_FACTOR - 1, rel=1e-12)
+    assert normalized_path_energy(traj, times, 2 * w2_squared) == pytest.approx(1 - UNEVEN_FACTOR / 2, rel=1e-12)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="positive"):
+            normalized_path_energy(traj, times, bad)
+
+
+def test_path_energy_rejects_times_of_the_wrong_shape():
+    """times must have one entry per trajectory frame."""
+    traj, times, _ = quadratic_paths()
+    with pytest.raises(ValueError, match="times must have shape"):
+        path_energy(traj, times[:-1])
