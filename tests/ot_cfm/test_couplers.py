@@ -142,6 +142,33 @@ def test_exact_unequal_draw_follows_plan_rows():
     assert torch.allclose(freq, torch.full((3,), 1 / 3, dtype=torch.float64), atol=0.07)
 
 
+@pytest.mark.parametrize("x0, x1, weights1", [
+    # one source, weighted targets: the plan row is weights1 itself
+    ([[0.0, 0.0]], [[1.0, 0.0], [0.0, 2.0], [-1.0, -1.0]], (0.5, 0.3, 0.2)),
+    # 1-D, uniform 2 x 3: the monotone plan is unique, rows (1/3, 1/6, 0) and (0, 1/6, 1/3)
+    ([[0.0], [10.0]], [[0.0], [4.0], [10.0]], None),
+], ids=["weighted-1x3", "uniform-2x3"])
+def test_exact_unequal_draw_frequencies_follow_plan_masses(x0, x1, weights1):
+    """Each source's drawn target follows P[i, :] / P[i, :].sum(), masses and not just support.
+
+    Both plans have rows with unequal nonzero masses, so drawing uniformly among a row's nonzero entries
+    is off by 1/6 (17 standard deviations or more at 3000 draws). Tolerance: 4 binomial standard
+    deviations sqrt(p (1 - p) / n) per entry, a two-sided normal tail of 6e-5 each, so under 1e-3 over
+    all entries for a correct sampler; entries of mass 0 must never be drawn.
+    """
+    x0, x1 = torch.tensor(x0, dtype=torch.float64), torch.tensor(x1, dtype=torch.float64)
+    w1 = None if weights1 is None else torch.tensor(weights1, dtype=torch.float64)
+    coupler, n = ExactOTCoupler(), 3000
+    p = coupler.plan(x0, x1, weights1=w1)
+    rows = p / p.sum(1, keepdim=True)
+    assert any(len(set(r[r > 0].tolist())) > 1 for r in rows), "a row with unequal masses, else uniform passes"
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([coupler.indices(x0, x1, weights1=w1, generator=g)[1] for _ in range(n)])
+    freq = torch.stack([torch.bincount(draws[:, k], minlength=x1.shape[0]) for k in range(x0.shape[0])]).double() / n
+    assert bool((freq[rows == 0] == 0).all()), "zero-mass targets are never drawn"
+    assert bool(((freq - rows).abs() <= 4 * (rows * (1 - rows) / n).sqrt()).all()), (freq, rows)
+
+
 @pytest.mark.parametrize("backend", ["scipy", "multiscale"])
 def test_permutation_backends_reject_unequal_sizes(backend):
     x0, x1 = batches((10, 2), b1=12)
@@ -233,6 +260,51 @@ def test_sinkhorn_draws_are_reproducible_and_spread_at_large_epsilon():
     _, j2 = coupler.indices(x0, x1, generator=torch.Generator().manual_seed(1))
     assert torch.equal(j, j2)
     assert 0.5 < len(torch.unique(j)) / 200 < 0.75, "i.i.d. uniform draws cover about 1 - 1/e of the targets"
+
+
+@pytest.mark.parametrize("epsilon, relative", [(0.1, True), (1.0, False)])
+def test_sinkhorn_plan_matches_pot_entropic_solution(epsilon, relative):
+    """The plan is the entropic OT solution for the squared Euclidean cost at the stated epsilon.
+
+    Exact marginals alone do not pin it down: epsilon off by x1.25 (or the cost scaled by 0.8) keeps them
+    but moves entries by 7e-3 to 1e-2 here. With both solvers converged far below that (row-marginal L1
+    error <= 1e-10 here, stopThr=1e-12 for POT), the measured entrywise gap is 3e-11; atol 1e-8 leaves a
+    300x margin for round-off and is still 5e5 times smaller than the x1.25 shift.
+    """
+    x0, x1 = batches((7, 3), b1=9, seed=21)
+    c = sq_cost(x0, x1)
+    eps_abs = epsilon * float(c.mean()) if relative else epsilon  # mean cost about 5.4: 0.54 and 1.0
+    coupler = SinkhornCoupler(epsilon=epsilon, relative=relative, tol=1e-10, max_iters=10_000)
+    res = coupler.solve(x0, x1)
+    assert res.converged and res.epsilon == pytest.approx(eps_abs, rel=1e-12)
+    p = coupler.plan(x0, x1)
+    expected = ot.sinkhorn(np.full(7, 1 / 7), np.full(9, 1 / 9), c.numpy(), reg=eps_abs, method="sinkhorn_log",
+                           stopThr=1e-12, numItermax=100_000)
+    torch.testing.assert_close(p, torch.from_numpy(expected), rtol=0, atol=1e-8)
+
+
+def test_sinkhorn_draw_frequencies_follow_plan_rows():
+    """Source i's target is drawn with probability P[i, j] / P[i, :].sum().
+
+    Three distinct sources, each repeated n = 4000 times (identical rows of P, so one call gives 4000 draws
+    per row; chunk_size=1000 crosses 12 sampling chunks), four targets, absolute epsilon 1 so every row
+    spreads over all targets (masses 0.01 to 0.67). Tolerance: 4 binomial standard deviations per entry,
+    a two-sided normal tail of 6e-5 each, under 1e-3 over the 12 entries for a correct sampler; drawing
+    from the scores scaled by 0.8 or 1.5 (a wrong temperature) is off by 8.8 and 19 standard deviations.
+    """
+    x0 = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    x1 = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 0.0], [-1.0, 0.5]], dtype=torch.float64)
+    n = 4000
+    big0 = x0.repeat_interleave(n, 0)
+    coupler = SinkhornCoupler(epsilon=1.0, relative=False, tol=1e-8, chunk_size=1000)
+    p = coupler.plan(big0, x1).view(3, n, 4)
+    torch.testing.assert_close(p, p[:, :1].expand_as(p), rtol=1e-12, atol=0)
+    rows = p[:, 0] / p[:, 0].sum(1, keepdim=True)
+    assert float(rows.min()) > 0.005 and float(rows.max()) < 0.7, "non-degenerate rows"
+    i, j = coupler.indices(big0, x1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(i, torch.arange(3 * n))
+    freq = torch.stack([torch.bincount(r, minlength=4) for r in j.view(3, n)]).double() / n
+    assert bool(((freq - rows).abs() <= 4 * (rows * (1 - rows) / n).sqrt()).all()), (freq, rows)
 
 
 def test_sinkhorn_warns_when_not_converged():
