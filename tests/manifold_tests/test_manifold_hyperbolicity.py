@@ -143,3 +143,35 @@ def test_bad_inputs_raise_value_errors():
         measure(field, m, along="nowhere")
     with pytest.raises(ValueError, match="manifold"):
         measure(field, "sphere")
+
+
+def _chi3_expectation(g) -> float:
+    """E g(R), R ~ chi(3) (the norm of x0 ~ N(0, I_3)), by quadrature."""
+    return integrate.quad(lambda r: g(r) * stats.chi(3).pdf(r), 0, math.inf, limit=200)[0]
+
+
+@pytest.mark.parametrize("radius", [1.0, 2.0])
+def test_sphere_distance_ratio_matches_its_closed_form(radius):
+    """On the exact path to the sphere S^2(r) in R^3, dist(x_t, M) / (1 - t) = |R - r| at every t, R = |x0|.
+
+    T(x0) = r x0 / R, so x_t = ((1 - t) R + t r) x0 / R, |x_t| = (1 - t) R + t r and
+    dist(x_t, S^2(r)) = ||x_t| - r| = (1 - t) |R - r|. Hence distance_ratio is the same at every t
+    (to round-off: |x_t| - r cancels, about 1e-15 |x_t| / (1 - t) <= 1e-10 at t = 0.9999, since the
+    same x0 serve every time) and its mean over n = 4000 points estimates E|R - r|, R ~ chi(3),
+    within 4 standard errors sd(|R - r|) / sqrt(n) (sd from quadrature: 0.56 for r = 1, so about
+    0.035 absolute). Its spread estimates sd(|R - r|) within 4 standard errors
+    sqrt((mu_4 - sd^4) / n) / (2 sd) (delta method, mu_4 the fourth central moment by quadrature).
+    A ratio not divided by (1 - t) is (1 - t) times too small and varies with t.
+    """
+    times = [0.1, 0.5, 0.9, 0.999, 0.9999]
+    m = Sphere(2, radius)
+    report = measure(exact(m), m, times=times, n=4000)
+    mean = _chi3_expectation(lambda r: abs(r - radius))
+    sd = math.sqrt(_chi3_expectation(lambda r: (r - radius) ** 2) - mean ** 2)
+    mu4 = _chi3_expectation(lambda r: (abs(r - radius) - mean) ** 4)
+    ratio = report.distance_ratio
+    torch.testing.assert_close(ratio, ratio[:1].expand_as(ratio), atol=1e-9, rtol=0)
+    torch.testing.assert_close(report.distance, (1 - report.times) * ratio, atol=0, rtol=1e-12)
+    assert float((ratio - mean).abs().max()) < 4 * sd / math.sqrt(report.n), (ratio, mean)
+    spread_error = math.sqrt((mu4 - sd ** 4) / report.n) / (2 * sd)
+    assert float((report.distance_ratio_std - sd).abs().max()) < 4 * spread_error, (report.distance_ratio_std, sd)

@@ -215,3 +215,73 @@ def test_bad_calls_raise(name):
                  lambda: potential.recover_target(x, 1.0)]:
         with pytest.raises(ValueError):
             call()
+
+
+def test_gaussian_sqrt_cov_squares_to_cov_and_is_symmetric_positive_definite():
+    """A = S^{1/2}: A A = S to 1e-10 relative, A = A^T, A > 0 (A = S or a Cholesky factor fails).
+
+    cov = F F^T + I/2 in d = 5 has condition number about 20, so the eigendecomposition loses
+    only a few ulps: 1e-10 relative (Frobenius) leaves a wide margin over float64 round-off.
+    """
+    gen = torch.Generator().manual_seed(7)
+    factor = torch.randn(5, 5, generator=gen, dtype=F64)
+    cov = factor @ factor.T + 0.5 * torch.eye(5, dtype=F64)
+    a = GaussianPotential(torch.zeros(5, dtype=F64), cov).sqrt_cov
+    assert a.dtype == F64 and a.shape == (5, 5)
+    assert float(torch.linalg.matrix_norm(a @ a - cov) / torch.linalg.matrix_norm(cov)) < 1e-10
+    assert float((a - a.T).abs().max()) < 1e-12 * float(a.abs().max())
+    assert float(torch.linalg.eigvalsh((a + a.T) / 2).min()) > 0
+
+
+def _orthogonal(d, seed):
+    """A seeded random orthogonal matrix (QR of a Gaussian matrix); the identity for seed None."""
+    if seed is None:
+        return np.eye(d)
+    return np.linalg.qr(np.random.default_rng(seed).standard_normal((d, d)))[0]
+
+
+GAUSSIAN_CLOSED_FORM = [(None, (4.0, 9.0)), (10, (4.0, 9.0)), (11, (4.0, 9.0, 0.25)), (12, (4.0, 0.0, 1.0))]
+
+
+@pytest.mark.parametrize("seed, eigenvalues", GAUSSIAN_CLOSED_FORM)
+def test_gaussian_matches_its_closed_form(seed, eigenvalues):
+    """cov = Q diag(e) Q^T, so A = S^{1/2} = Q diag(sqrt e) Q^T is known exactly, built here in numpy.
+
+    With D = (1 - t) I + t A (invertible for t < 1, A >= 0), DESIGN.md section 1 gives
+    T(x) = m + A x, prox_{lam phi^*}(z) = m + A (A + lam I)^{-1} (z - m) (phi^*(y) = |A^{-1/2}(y - m)|^2 / 2
+    on m + range A), and on x_t = D x0 + t m: x1 = m + A x0, u_t = (A - I) x0 + m with
+    x0 = D^{-1} (x - t m). The field is affine, so these hold at any x, not only on the support
+    of mu_t. Q = I gives diag(2, 3); the rotated 3D cases (one singular) exercise the eigenbasis,
+    whose transpose is invisible in 2D (eigh's 2x2 basis is often a symmetric reflection).
+    Tolerance 1e-12, relative too for u_t, which reaches |x| / (1 - t) ~ 1e3 in the singular case
+    at t = 0.999: condition numbers are at most 1e3.
+    """
+    d = len(eigenvalues)
+    m = np.array([0.5, -1.0, 2.0])[:d]
+    rot = _orthogonal(d, seed)
+    cov = rot @ np.diag(eigenvalues) @ rot.T
+    a = rot @ np.diag(np.sqrt(eigenvalues)) @ rot.T
+    potential = GaussianPotential(torch.tensor(m), torch.tensor(cov))
+    np.testing.assert_allclose(potential.sqrt_cov.numpy(), a, atol=1e-14, rtol=0)
+    x = 2 * np.random.default_rng(8).standard_normal((50, d))
+    xt = torch.tensor(x)
+    np.testing.assert_allclose(potential.transport_map(xt).numpy(), m + x @ a.T, atol=1e-13, rtol=0)
+    for lam in (0.05, 1.0, 4.0):
+        expected = m + (x - m) @ np.linalg.solve(a + lam * np.eye(d), a).T  # A (A + lam I)^{-1}, commuting
+        np.testing.assert_allclose(potential.prox_conjugate(xt, lam).numpy(), expected, atol=1e-12, rtol=0)
+    for t in TIMES:
+        x0 = np.linalg.solve((1 - t) * np.eye(d) + t * a, (x - t * m).T).T
+        np.testing.assert_allclose(potential.velocity(xt, t).numpy(), x0 @ (a - np.eye(d)).T + m,
+                                   atol=1e-12, rtol=1e-12)
+        np.testing.assert_allclose(potential.recover_target(xt, t).numpy(), m + x0 @ a.T, atol=1e-12, rtol=0)
+
+
+def test_gaussian_diagonal_closed_form_is_exact():
+    """cov = diag(4, 9): T(x) = m + diag(2, 3) x in every digit (the eigenbasis of a diagonal cov is
+    the identity up to signs and sqrt(4), sqrt(9) are exact), so no tolerance is needed."""
+    m = torch.tensor([0.5, -1.0], dtype=F64)
+    potential = GaussianPotential(m, torch.diag(torch.tensor([4.0, 9.0], dtype=F64)))
+    x = torch.randn(100, 2, generator=torch.Generator().manual_seed(9), dtype=F64)
+    expected = torch.stack([m[0] + 2 * x[:, 0], m[1] + 3 * x[:, 1]], dim=1)
+    torch.testing.assert_close(potential.transport_map(x), expected, atol=0, rtol=0)
+    torch.testing.assert_close(potential.sqrt_cov, torch.diag(torch.tensor([2.0, 3.0], dtype=F64)), atol=0, rtol=0)
