@@ -1,3 +1,4 @@
+import ot
 import pytest
 import torch
 from torchcfm.conditional_flow_matching import ConditionalFlowMatcher as TorchCFMMatcher
@@ -94,21 +95,22 @@ def test_coupled_batch_is_validated():
         ConditionalFlowMatcher().sample(torch.randn(4, 2), torch.randn(5, 2), coupled=True)
 
 
+def sorted_rows(x: torch.Tensor) -> list:
+    return sorted(map(tuple, x.tolist()))
+
+
 def test_ot_matcher_pairs_by_the_exact_optimal_permutation():
     """OTConditionalFlowMatcher: at t = 0, x_t are the source points and x_t + u_t the target points,
     each used once, and the mean |u_t|^2 is the optimal transport cost from POT on the same batch
     (an independent or identity pairing is about 2x that cost on these batches)."""
-    import ot
-
     g = torch.Generator().manual_seed(3)
     x0 = torch.randn(64, 3, generator=g, dtype=torch.float64)
     x1 = torch.randn(64, 3, generator=g, dtype=torch.float64) + torch.tensor([4.0, 0.0, 0.0], dtype=torch.float64)
     t, xt, ut = OTConditionalFlowMatcher(sigma=0.0).sample_location_and_conditional_flow(
         x0, x1, t=torch.zeros(64, dtype=torch.float64))
     assert torch.equal(t, torch.zeros(64, dtype=torch.float64))
-    rows = lambda x: sorted(map(tuple, x.tolist()))  # noqa: E731
-    assert rows(xt) == rows(x0)
-    torch.testing.assert_close(torch.tensor(rows(xt + ut)), torch.tensor(rows(x1)), rtol=0, atol=1e-12)
+    assert sorted_rows(xt) == sorted_rows(x0)
+    torch.testing.assert_close(torch.tensor(sorted_rows(xt + ut)), torch.tensor(sorted_rows(x1)), rtol=0, atol=1e-12)
     weights = torch.full((64,), 1 / 64, dtype=torch.float64).numpy()
     optimum = ot.emd2(weights, weights, ot.dist(x0.numpy(), x1.numpy()), numItermax=10**7)
     assert abs(float(ut.square().sum(1).mean()) - optimum) < 1e-10 * optimum

@@ -1,4 +1,5 @@
 import json
+import math
 import multiprocessing
 import os
 import signal
@@ -192,8 +193,6 @@ def test_sigint_with_workers_checkpoints_and_resumes_exactly(tmp_path):
 def test_learning_rate_follows_warmup_then_cosine():
     """lr of step k: lr (k + 1) / W during the warm-up (k < W), then lr (1 + cos(pi (k - W) / (S - W))) / 2,
     written here from the formula (a constant or an off-by-one schedule fails)."""
-    import math
-
     trainer = make_trainer(None, steps=12, warmup_steps=3, lr=0.01, out_dir=None)
     used = []
     for _ in range(12):
