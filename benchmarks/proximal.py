@@ -28,7 +28,6 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirna
 
 import torch  # noqa: E402
 
-import ot_cfm  # noqa: F401,E402  imported first: proximal -> ot_cfm.validation -> ot_cfm -> proximal is circular
 from proximal.discrete import DiscreteBrenierPotential  # noqa: E402
 from proximal.semidiscrete import cell_masses, fit_discrete_potential  # noqa: E402
 

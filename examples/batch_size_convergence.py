@@ -8,7 +8,7 @@ Same options as ``ot-cfm experiment batch-size``; ``--help`` lists them.
 
 import sys
 
-from ot_cfm.experiments.batch_size import main
+from ot_cfm_experiments.batch_size import main
 
 if __name__ == "__main__":
     sys.exit(main())

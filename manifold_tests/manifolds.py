@@ -21,6 +21,10 @@ from collections.abc import Sequence
 import torch
 
 from ot_cfm.validation import check_batch
+from proximal.gaussian import GaussianPotential
+from proximal.point import PointPotential
+from proximal.product import ProductPotential
+from proximal.sphere import SpherePotential
 
 __all__ = [
     "SphereBlock", "GaussianBlock", "PointBlock", "ProductManifold",
@@ -67,8 +71,6 @@ class SphereBlock:
 
     def potential(self, dtype: torch.dtype, device: torch.device | str | None):
         """``proximal.SpherePotential``: ``phi(x) = r |x|``."""
-        from proximal.sphere import SpherePotential
-
         return SpherePotential(radius=self.radius, dim=self.size)
 
     def __repr__(self) -> str:
@@ -114,8 +116,6 @@ class GaussianBlock:
 
     def potential(self, dtype: torch.dtype, device: torch.device | str | None):
         """``proximal.GaussianPotential(m, S)``: ``phi(x) = <m, x> + x^T S^{1/2} x / 2``."""
-        from proximal.gaussian import GaussianPotential
-
         return GaussianPotential(self.mean.to(dtype=dtype, device=device), self.cov.to(dtype=dtype, device=device))
 
     def __repr__(self) -> str:
@@ -143,8 +143,6 @@ class PointBlock:
 
     def potential(self, dtype: torch.dtype, device: torch.device | str | None):
         """``proximal.PointPotential(c)``: ``phi(x) = <c, x>``."""
-        from proximal.point import PointPotential
-
         return PointPotential(self.point.to(dtype=dtype, device=device))
 
     def __repr__(self) -> str:
@@ -228,8 +226,6 @@ class ProductManifold:
 
     def potential(self, *, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None):
         """The exact Brenier potential ``proximal.ProductPotential`` of the block potentials."""
-        from proximal.product import ProductPotential
-
         return ProductPotential([(s, b.potential(dtype, device)) for b, s in zip(self.blocks, self.slices)])
 
     def __repr__(self) -> str:

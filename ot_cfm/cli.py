@@ -16,7 +16,7 @@ COUPLERS = ("exact", "sinkhorn", "independent")
 # Commands whose options belong to an experiment module: everything after the name is handed over.
 EXPERIMENTS = {
     ("manifold",): ("manifold_tests.experiment", "terminal normal hyperbolicity of exact, learned and empirical fields"),
-    ("experiment", "batch-size"): ("ot_cfm.experiments.batch_size",
+    ("experiment", "batch-size"): ("ot_cfm_experiments.batch_size",
                                    "how minibatch OT-CFM approaches population OT-CFM as the batch grows"),
 }
 

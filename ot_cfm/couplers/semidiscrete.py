@@ -7,12 +7,39 @@ then the semi-discrete OT plan itself, not a minibatch estimate of it.
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import torch
 
 from ot_cfm.couplers.base import Coupler
 from ot_cfm.validation import check_batch
 
-__all__ = ["SemidiscreteCoupler"]
+__all__ = ["SemidiscreteCoupler", "TransportMap", "DiscreteTransportMap"]
+
+
+@runtime_checkable
+class TransportMap(Protocol):
+    """What the coupler needs of a potential: its flattened dimension and x0 (B, dim) -> T(x0) (B, dim).
+
+    Every ``proximal.BrenierPotential`` is one; ``ot_cfm`` does not import ``proximal`` (it sits below it).
+    """
+
+    dim: int
+
+    def transport_map(self, x0: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class DiscreteTransportMap(TransportMap, Protocol):
+    """A transport map onto N support points (``proximal.DiscreteBrenierPotential``): ``support`` (N, dim),
+    ``n_support`` = N, and ``assign(x, t)`` (B, dim) -> (B,) support indices (t = 0: the Laguerre cell of x)."""
+
+    n_support: int
+
+    @property
+    def support(self) -> torch.Tensor: ...
+
+    def assign(self, x: torch.Tensor, t: float | torch.Tensor = 0.0) -> torch.Tensor: ...
 
 
 class SemidiscreteCoupler(Coupler):
@@ -28,14 +55,11 @@ class SemidiscreteCoupler(Coupler):
     requires_equal_sizes = False
 
     def __init__(self, potential, support_labels: torch.Tensor | None = None) -> None:
-        # imported here: proximal imports ot_cfm.validation, which loads this module first
-        from proximal.discrete import DiscreteBrenierPotential
-        from proximal.potential import BrenierPotential
-
-        if not isinstance(potential, BrenierPotential):
-            raise ValueError(f"potential must be a BrenierPotential, got {type(potential).__name__}")
+        if not isinstance(potential, TransportMap):
+            raise ValueError(f"potential must be a Brenier potential (an object with dim and transport_map, such as "
+                             f"proximal.DiscreteBrenierPotential), got {type(potential).__name__}")
         if support_labels is not None:
-            if not isinstance(potential, DiscreteBrenierPotential):
+            if not isinstance(potential, DiscreteTransportMap):
                 raise ValueError("support_labels need a DiscreteBrenierPotential (one label per support point)")
             if not isinstance(support_labels, torch.Tensor) or support_labels.shape[:1] != (potential.n_support,):
                 got = tuple(support_labels.shape) if isinstance(support_labels, torch.Tensor) \
@@ -43,7 +67,7 @@ class SemidiscreteCoupler(Coupler):
                 raise ValueError(f"support_labels must be a tensor with {potential.n_support} rows, got {got}")
         self.potential = potential
         self.support_labels = support_labels
-        self.discrete = isinstance(potential, DiscreteBrenierPotential)
+        self.discrete = isinstance(potential, DiscreteTransportMap)
 
     def __repr__(self) -> str:
         size = f", n_support={self.potential.n_support}" if self.discrete else ""

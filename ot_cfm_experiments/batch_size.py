@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ot_cfm.atomic import atomic_write
 from ot_cfm.batches import DATA_STREAM
@@ -36,9 +37,13 @@ from ot_cfm.couplers.exact import ExactOTCoupler
 from ot_cfm.couplers.semidiscrete import SemidiscreteCoupler
 from ot_cfm.couplers.sinkhorn import SinkhornCoupler
 from ot_cfm.data import TensorSampler, gaussian_sampler, load_digits, toy_sampler
+from ot_cfm.evaluation import evaluate_samples
 from ot_cfm.matcher import ConditionalFlowMatcher
+from ot_cfm.models import MLP
 from ot_cfm.plotting import save_figure
+from ot_cfm.trainer import TrainConfig, Trainer
 from proximal.discrete import DiscreteBrenierPotential
+from proximal.field import field_error
 from proximal.gaussian import GaussianPotential
 from proximal.grid import GridPotential
 from proximal.potential import BrenierPotential
@@ -221,11 +226,6 @@ def _init_mlp(model: torch.nn.Module, generator: torch.Generator) -> None:
 
 def _measure_trained(cell: Cell, target: Target, config: ExperimentConfig) -> dict:
     """Train an MLP with minibatch OT-CFM at batch size B, then its field error, W2 per NFE and NPE."""
-    from ot_cfm.evaluation import evaluate_samples
-    from ot_cfm.models import MLP
-    from ot_cfm.trainer import TrainConfig, Trainer
-    from proximal.field import field_error
-
     generator = cell.generator()
     model = MLP(target.dim, width=config.train_width)
     _init_mlp(model, generator)
@@ -278,8 +278,6 @@ def run_experiment(cells: Sequence[Cell], config: ExperimentConfig, cache_dir: s
     settings that produced it; a cached cell whose settings differ is recomputed. ``on_cell(cell,
     row)`` is called after each cell (cached or not).
     """
-    from tqdm.auto import tqdm
-
     cache_dir = Path(cache_dir)
     targets: dict[str, Target] = {}
     rows = []

@@ -1,0 +1,6 @@
+"""Experiments that join the three packages: minibatch OT-CFM (``ot_cfm``) judged against the exact
+field (``proximal``). The top layer: nothing in ``ot_cfm``, ``proximal`` or ``manifold_tests`` imports it.
+
+``batch_size``: how minibatch OT-CFM approaches population OT-CFM as the batch grows
+(``ot-cfm experiment batch-size``, ``examples/batch_size_convergence.py``).
+"""
