@@ -1,8 +1,10 @@
 """Image OT-CFM: exact minibatch OT on flattened images, torchcfm's UNet, against I-CFM at equal steps.
 
 Default: scikit-learn's 8x8 digits (embedded; 1000 images for training, the other 797 held out).
-MNIST and CIFAR-10 are read from local files only (``--data-path``; nothing is downloaded): MNIST's
-idx files (optionally gzipped) or CIFAR-10's python pickle batches. Both methods train with the
+Other data is read from local files only (``--data-path``; nothing is downloaded) by
+``ot_cfm.image_data``: MNIST's IDX files (optionally gzipped), CIFAR-10's binary or python batches
+(their test split is held out), a .npy / .npz array file or a folder with one subfolder of images
+per class (a seeded share held out, ``--held-out-fraction``). Both methods train with the
 Trainer (EMA on, checkpoints under ``--out``, ``--resume`` continues them) from the same initial
 weights and data stream. Sample quality is the exact W2 in pixel space between generated and
 held-out images at Euler NFE 1 and 4 and dopri5, next to the W2 between training and held-out images.
@@ -10,25 +12,25 @@ held-out images at Euler NFE 1 and 4 and dopri5, next to the W2 between training
     python examples/images.py                        # digits, writes examples/results/images_digits.{png,md}
     python examples/images.py --resume               # after an interruption: continue both runs from their checkpoints
     python examples/images.py --dataset mnist --data-path ~/data/mnist --figures runs/images
+    python examples/images.py --dataset folder --data-path ~/data/faces --image-size 32 --model mlp
     python examples/images.py --quick                # smoke run, outputs in runs/images_quick
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
-import pickle
+import math
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from einops import rearrange
 from torch import nn
 
 from ot_cfm.couplers.exact import ExactOTCoupler
 from ot_cfm.couplers.independent import IndependentCoupler
-from ot_cfm.data import TensorSampler, gaussian_sampler, load_digits
+from ot_cfm.data import TensorSampler, gaussian_sampler
+from ot_cfm.image_data import ImageDataset, load_image_dataset
 from ot_cfm.matcher import ConditionalFlowMatcher
 from ot_cfm.metrics import wasserstein2
 from ot_cfm.models import MLP, unet
@@ -39,55 +41,29 @@ from ot_cfm.trainer import TrainConfig, Trainer
 METHODS = {"OT-CFM": ExactOTCoupler, "I-CFM": IndependentCoupler}
 SOLVERS = {"euler-1": dict(solver="euler", steps=1), "euler-4": dict(solver="euler", steps=4),
            "dopri5": dict(solver="dopri5")}
-MNIST_FILES = ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte")
-CIFAR_FILES = tuple(f"data_batch_{k}" for k in range(1, 6)) + ("test_batch",)
+DATASETS = ("digits", "mnist", "cifar10", "npy", "folder")
+DIGITS_HELD_OUT = 797 / 1797  # 1000 digits for training, as in the recorded results
 WARMUP_STEPS = 100  # fixed, so that a run resumed with more steps keeps its configuration
 
 
-def _find(folder: Path, name: str, expected: tuple) -> Path:
-    for candidate in (folder / name, folder / f"{name}.gz"):
-        if candidate.exists():
-            return candidate
-    raise FileNotFoundError(f"{folder} lacks {name} (or {name}.gz); expected the files {', '.join(expected)} "
-                            "there (this example downloads nothing)")
+def load_images(name: str, data_path: Path | None, generator: torch.Generator, *,
+                held_out_fraction: float | None = None, image_size: int | None = None) -> ImageDataset:
+    """The dataset, read by ``ot_cfm.image_data`` (images (N, C, H, W) in [-1, 1], labels, a held-out split).
 
-
-def read_idx_images(path: Path) -> np.ndarray:
-    """An MNIST idx3 file (optionally gzipped) as a uint8 array (N, 28, 28)."""
-    raw = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
-    magic, n, h, w = np.frombuffer(raw[:16], dtype=">i4")
-    if magic != 2051:
-        raise ValueError(f"{path} is not an idx3 image file (magic number {magic}, expected 2051)")
-    return np.frombuffer(raw[16:], dtype=np.uint8).reshape(n, h, w)
-
-
-def read_cifar_batch(path: Path) -> np.ndarray:
-    """One CIFAR-10 python pickle batch as a uint8 array (N, 3, 32, 32)."""
-    with open(path, "rb") as f:
-        batch = pickle.load(f, encoding="bytes")
-    return rearrange(np.asarray(batch[b"data"], dtype=np.uint8), "n (c h w) -> n c h w", c=3, h=32, w=32)
-
-
-def load_images(name: str, data_path: Path | None, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, held_out) image tensors (N, C, H, W) scaled to [-1, 1]."""
-    if name == "digits":
-        images, _ = load_digits()
-        order = torch.randperm(images.shape[0], generator=generator)
-        return images[order[:1000]], images[order[1000:]]
-    if data_path is None:
+    MNIST and CIFAR-10 hold out their test split; digits, arrays and folders a share drawn from
+    ``generator`` (digits: 797 of 1797; others: ``held_out_fraction``, default 0.2).
+    """
+    if name != "digits" and data_path is None:
         raise ValueError(f"--dataset {name} reads local files: give --data-path")
-    if name == "mnist":
-        train, test = (read_idx_images(_find(data_path, f, MNIST_FILES))[:, None] for f in MNIST_FILES)
-    else:
-        folder = data_path / "cifar-10-batches-py" if (data_path / "cifar-10-batches-py").is_dir() else data_path
-        train = np.concatenate([read_cifar_batch(_find(folder, f, CIFAR_FILES)) for f in CIFAR_FILES[:-1]])
-        test = read_cifar_batch(_find(folder, CIFAR_FILES[-1], CIFAR_FILES))
-    return tuple(torch.from_numpy(a.astype(np.float32) / 127.5 - 1.0) for a in (train, test))
+    if held_out_fraction is None:
+        held_out_fraction = DIGITS_HELD_OUT if name == "digits" else 0.2
+    return load_image_dataset(name, root=data_path, held_out_fraction=held_out_fraction, seed=generator,
+                              size=image_size)
 
 
 def build_model(kind: str, shape: tuple) -> nn.Module:
     if kind == "mlp":
-        return MLP(int(np.prod(shape)), width=256)
+        return MLP(math.prod(shape), width=256)
     # torchcfm has no default channel multipliers for 8x8 images; one level suits them
     return unet(shape, channels=32, res_blocks=1, **({"channel_mult": (1,)} if shape[-1] == 8 else {}))
 
@@ -156,10 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="smoke run: MLP, 150 steps, 200 evaluation images, outputs in runs/images_quick")
-    p.add_argument("--dataset", choices=("digits", "mnist", "cifar10"), default="digits")
+    p.add_argument("--dataset", choices=DATASETS, default="digits")
     p.add_argument("--data-path", type=Path, default=None,
-                   help=f"folder with MNIST's {' and '.join(MNIST_FILES)} (.gz allowed) or CIFAR-10's "
-                        "cifar-10-batches-py pickles")
+                   help="mnist: folder with its train-/t10k- images and labels IDX files (.gz allowed); cifar10: "
+                        "folder with its binary or python batches (or the extracted cifar-10-batches-* folder); "
+                        "npy: a .npy / .npz file; folder: one subfolder of images per class")
+    p.add_argument("--held-out-fraction", type=float, default=None,
+                   help="share held out for npy and folder data (default 0.2; digits keep 1000 for training)")
+    p.add_argument("--image-size", type=int, default=None, help="folder data: resize every image to this square")
     p.add_argument("--model", choices=("unet", "mlp"), default="unet")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=64)
@@ -184,7 +164,9 @@ def run(argv=None) -> dict:
     args = parser.parse_args(argv)
     command = "python examples/images.py " + " ".join(sys.argv[1:] if argv is None else argv)
     generator = torch.Generator().manual_seed(args.seed)
-    train_images, held_out = load_images(args.dataset, args.data_path, generator)
+    dataset = load_images(args.dataset, args.data_path, generator, held_out_fraction=args.held_out_fraction,
+                          image_size=args.image_size)
+    train_images, held_out = dataset.train_images, dataset.held_out_images
     n = min(args.eval_samples, held_out.shape[0])
     held_out = held_out[torch.randperm(held_out.shape[0], generator=generator)[:n]]
     floor = wasserstein2(train_images[torch.randperm(train_images.shape[0], generator=generator)[:n]], held_out)

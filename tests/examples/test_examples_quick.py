@@ -80,34 +80,51 @@ def test_images_missing_files_name_what_is_expected(tmp_path):
         images.load_images("mnist", tmp_path, torch.Generator())
     with pytest.raises(FileNotFoundError, match="data_batch_1"):
         images.load_images("cifar10", tmp_path, torch.Generator())
+    with pytest.raises(ValueError, match="give --data-path"):
+        images.load_images("folder", None, torch.Generator())
 
 
-def test_images_readers_on_tiny_local_files(tmp_path):
+def test_images_reads_local_files_through_the_library(tmp_path):
+    """Each --dataset kind reaches ot_cfm.image_data; the readers themselves are tested in tests/ot_cfm."""
     import gzip
     import pickle
 
     import numpy as np
+    from PIL import Image
 
     images = load_script("examples/images.py")
     pixels = np.arange(3 * 28 * 28, dtype=np.uint32).astype(np.uint8).reshape(3, 28, 28)
-    header = np.array([2051, 3, 28, 28], dtype=">i4").tobytes()
-    with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "wb") as f:
-        f.write(header + pixels.tobytes())
-    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(header + pixels.tobytes())
-    train, test = images.load_images("mnist", tmp_path, torch.Generator())
-    assert train.shape == test.shape == (3, 1, 28, 28)
-    assert torch.equal(train[:, 0], torch.from_numpy(pixels.astype(np.float32) / 127.5 - 1))
+    for prefix, gz in (("train", True), ("t10k", False)):
+        image_file = np.array([2051, 3, 28, 28], dtype=">i4").tobytes() + pixels.tobytes()
+        label_file = np.array([2049, 3], dtype=">i4").tobytes() + bytes([4, 0, 9])
+        for name, raw in ((f"{prefix}-images-idx3-ubyte", image_file), (f"{prefix}-labels-idx1-ubyte", label_file)):
+            (tmp_path / "mnist" / (name + ".gz" if gz else name)).parent.mkdir(exist_ok=True)
+            (tmp_path / "mnist" / (name + ".gz" if gz else name)).write_bytes(gzip.compress(raw) if gz else raw)
+    data = images.load_images("mnist", tmp_path / "mnist", torch.Generator())
+    assert data.train_images.shape == data.held_out_images.shape == (3, 1, 28, 28)
+    assert torch.equal(data.train_images[:, 0], torch.from_numpy(pixels.astype(np.float32) / 127.5 - 1))
+    assert data.train_labels.tolist() == [4, 0, 9]
 
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
+    folder = tmp_path / "cifar" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
     rows = np.random.default_rng(0).integers(0, 256, (2, 3072), dtype=np.uint8)  # R plane, G plane, B plane
-    for name in images.CIFAR_FILES:
-        with open(folder / name, "wb") as f:
-            pickle.dump({b"data": rows, b"labels": [0, 1]}, f)
-    train, test = images.load_images("cifar10", tmp_path, torch.Generator())
-    assert train.shape == (10, 3, 32, 32) and test.shape == (2, 3, 32, 32)
+    for name in [f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]:
+        (folder / name).write_bytes(pickle.dumps({b"data": rows, b"labels": [0, 1]}, protocol=2))
+    data = images.load_images("cifar10", tmp_path / "cifar", torch.Generator())
+    assert data.train_images.shape == (10, 3, 32, 32) and data.held_out_images.shape == (2, 3, 32, 32)
     green = torch.from_numpy(rows[1, 1024:2048].reshape(32, 32).astype(np.float32) / 127.5 - 1)
-    assert torch.equal(test[1, 1], green) and train.min() >= -1 and train.max() <= 1
+    assert torch.equal(data.held_out_images[1, 1], green)
+
+    np.save(tmp_path / "grey.npy", pixels.repeat(4, axis=0))  # (12, 28, 28) uint8
+    data = images.load_images("npy", tmp_path / "grey.npy", torch.Generator().manual_seed(0), held_out_fraction=0.25)
+    assert data.train_images.shape == (9, 1, 28, 28) and data.held_out_images.shape == (3, 1, 28, 28)
+
+    for label in ("a", "b"):
+        for k in range(3):
+            (tmp_path / "faces" / label).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels[k, : 10 + k, :12]).save(tmp_path / "faces" / label / f"{k}.png")
+    data = images.load_images("folder", tmp_path / "faces", torch.Generator(), image_size=8)
+    assert data.class_names == ("a", "b") and data.shape == (1, 8, 8) and data.held_out_images.shape[0] == 1
 
 
 def test_assignment_warm_start_keeps_the_optimum():
