@@ -1,20 +1,33 @@
-"""ODE sampling: integrate a field v(t, x) from noise at t = 0 to data at t = 1 with torchdyn."""
+"""ODE sampling: integrate a field v(t, x) from noise at t = 0 to data at t = 1 with torchdyn's solvers.
+
+Integration goes through torchdyn's functional ``odeint`` (``torchdyn.numerics``), which imports
+neither pytorch_lightning nor torchvision. Every integration ends: a non-finite state or field value,
+a step size that no longer advances t, or more than ``max_nfe`` field evaluations (adaptive solvers)
+raises ``IntegrationError`` instead of looping.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import io
+import math
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from ot_cfm.validation import check_batch
 
-__all__ = ["SampleResult", "sample", "FIXED_STEP_SOLVERS", "ADAPTIVE_SOLVERS"]
+__all__ = ["SampleResult", "IntegrationError", "sample", "FIXED_STEP_SOLVERS", "ADAPTIVE_SOLVERS",
+           "DEFAULT_MAX_NFE"]
 
 FIXED_STEP_SOLVERS = ("euler", "midpoint", "rk4")
 ADAPTIVE_SOLVERS = ("dopri5", "tsit5")
+# A well-trained flow-matching field needs tens to a few hundred evaluations with dopri5 at the default
+# tolerances (50 on the default toy task); a stored trajectory of 101 points adds at most 6 per point.
+# 10,000 leaves a wide margin for rough or badly trained fields and still ends in seconds to minutes.
+DEFAULT_MAX_NFE = 10_000
+
+
+class IntegrationError(RuntimeError):
+    """The ODE solve cannot finish: non-finite values, a collapsed step size or too many evaluations."""
 
 
 @dataclass(frozen=True)
@@ -27,64 +40,141 @@ class SampleResult:
     trajectory: torch.Tensor | None = None
 
 
-class _CountedField(nn.Module):
-    """Adapts field(t, x) to torchdyn's call signature and counts evaluations."""
+class _GuardedField:
+    """Calls field(t, x) for torchdyn, counts evaluations and stops on non-finite values or too many calls."""
 
-    def __init__(self, field):
-        super().__init__()
-        self.field = field
+    def __init__(self, field, solver: str, max_nfe: int | None, t_span: tuple[float, float]):
+        self.field, self.solver, self.max_nfe, self.t_span = field, solver, max_nfe, t_span
         self.nfe = 0
+        self.last_t = float(t_span[0])
 
-    def forward(self, t, x, args=None):
+    def __call__(self, t, x, args=None):
+        t = t.reshape(()) if isinstance(t, torch.Tensor) and t.numel() == 1 else t
+        if self.max_nfe is not None and self.nfe >= self.max_nfe:
+            raise IntegrationError(
+                f"{self.solver!r} used max_nfe = {self.max_nfe} field evaluations and reached only t = "
+                f"{self.last_t:.6g} of [{self.t_span[0]}, {self.t_span[1]}]: the field is too stiff, too rough or "
+                "blows up for these tolerances; raise max_nfe, loosen atol/rtol or use a fixed-step solver")
+        self.last_t = float(t)
+        if not torch.isfinite(x).all():
+            raise IntegrationError(
+                f"the state became NaN or inf at t = {self.last_t:.6g} after {self.nfe} field evaluations "
+                f"with {self.solver!r}: the solution blows up or a step overflowed; expected finite states")
         self.nfe += 1
         v = self.field(t, x)
-        if v.shape != x.shape:
-            raise ValueError(f"field returned shape {tuple(v.shape)} for x of shape {tuple(x.shape)}; expected equal shapes")
+        if not isinstance(v, torch.Tensor) or v.shape != x.shape:
+            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise ValueError(f"field returned shape {got} for x of shape {tuple(x.shape)}; expected equal shapes")
+        if not torch.isfinite(v).all():
+            raise IntegrationError(
+                f"the field returned NaN or inf at t = {self.last_t:.6g} (field evaluation {self.nfe}, "
+                f"solver {self.solver!r}) for finite states; expected finite values")
         return v
+
+
+class _GuardedSolver:
+    """Wraps a torchdyn adaptive solver: refuses a step size that is not finite or no longer advances t.
+
+    torchdyn's adaptive loop (``_adaptive_odeint``) keeps retrying smaller steps while t stays fixed; once
+    t + dt rounds to t it would loop forever. The wrapper sees every step's dt, so it stops there.
+    """
+
+    def __init__(self, solver, name: str):
+        self._solver, self._name = solver, name
+
+    def __getattr__(self, attr):  # order, stepping_class, safety, min_factor, max_factor, sync_device_dtype
+        if attr in ("_solver", "_name"):
+            raise AttributeError(attr)
+        return getattr(self._solver, attr)
+
+    def step(self, f, x, t, dt, k1=None, args=None):
+        if not bool(torch.isfinite(dt).all()) or not bool((t + dt > t).all()):
+            raise IntegrationError(
+                f"{self._name!r} step size collapsed to dt = {float(dt):.3g} at t = {float(t):.6g}: it no longer "
+                f"advances t in {x.dtype}; the field likely blows up near this time or the tolerances are "
+                "too tight for this dtype")
+        return self._solver.step(f, x, t, dt, k1=k1, args=args)
+
+
+def _check_tolerance(value: float, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0 for adaptive solvers, got {value!r}")
+    return float(value)
 
 
 def sample(field, x0: torch.Tensor, *, solver: str = "dopri5", steps: int | None = None, atol: float = 1e-5,
            rtol: float = 1e-5, return_trajectory: bool = False, trajectory_points: int = 101,
-           t_span: tuple[float, float] = (0.0, 1.0), enable_grad: bool = False) -> SampleResult:
-    """Solve dx/dt = field(t, x) from x(t_span[0]) = x0 to t_span[1] with torchdyn's NeuralODE.
+           t_span: tuple[float, float] = (0.0, 1.0), enable_grad: bool = False,
+           max_nfe: int | None = None) -> SampleResult:
+    """Solve dx/dt = field(t, x) from x(t_span[0]) = x0 to t_span[1] with torchdyn's ``odeint``.
+
+    The Butcher tableau is built in x0's dtype, so float64 states get float64 coefficients.
 
     Args:
-        field: callable field(t, x) -> (B, *shape), t a 0-d tensor; a model or ``proximal.ExactVelocityField``.
-        x0: initial states (B, *shape).
-        solver: fixed-step "euler", "midpoint", "rk4" (need ``steps``) or adaptive "dopri5", "tsit5"
-            (use ``atol``/``rtol``; ``steps`` must be None).
+        field: callable field(t, x) -> (B, *shape), t a 0-d tensor in x0's dtype; a model or
+            ``proximal.ExactVelocityField``.
+        x0: initial states (B, *shape), finite.
+        solver: fixed-step "euler", "midpoint", "rk4" (need ``steps``; ``steps`` x stages evaluations)
+            or adaptive "dopri5", "tsit5" (use ``atol``/``rtol``; ``steps`` must be None).
+        atol, rtol: tolerances of the adaptive solvers, finite and > 0.
         return_trajectory: keep the states at every step (fixed) or at ``trajectory_points`` evenly
             spaced times (adaptive; the solver then also stops at those times, which raises the NFE).
         enable_grad: keep the autograd graph (off by default: sampling is inference).
+        max_nfe: most field evaluations an adaptive solver may use (default ``DEFAULT_MAX_NFE`` = 10,000;
+            a well-trained field needs tens to hundreds). Fixed-step solvers use exactly ``steps`` x stages
+            evaluations, so it must stay None for them.
 
     Returns:
-        SampleResult with the final states and the number of field evaluations (NFE).
+        SampleResult: ``x`` (B, *shape), ``nfe`` (field evaluations), and with ``return_trajectory`` also
+        ``times`` (K,) and ``trajectory`` (K, B, *shape), K = steps + 1 or ``trajectory_points``.
+
+    Raises:
+        ValueError: a bad argument (unknown solver, steps given or missing, tolerances not finite and > 0,
+            max_nfe not an integer >= 1 or given to a fixed-step solver, x0 not a finite batch, the field
+            returning another shape).
+        IntegrationError: (a ``RuntimeError``) the field returned NaN or inf (raised at once, naming t and
+            the NFE so far); a state became NaN or inf; the adaptive step size stopped advancing t (finite-
+            time blow-up, tolerances too tight for the dtype); more than ``max_nfe`` evaluations.
     """
     check_batch(x0, "x0")
     if solver in FIXED_STEP_SOLVERS:
-        if steps is None or int(steps) != steps or steps < 1:
+        if steps is None or isinstance(steps, bool) or int(steps) != steps or steps < 1:
             raise ValueError(f"solver {solver!r} is fixed-step: give an integer steps >= 1, got {steps}")
+        if max_nfe is not None:
+            raise ValueError(f"solver {solver!r} is fixed-step: it uses exactly steps x stages field evaluations, "
+                             f"so max_nfe (for adaptive solvers) must be None, got {max_nfe!r}")
         grid = torch.linspace(t_span[0], t_span[1], int(steps) + 1, dtype=x0.dtype)
     elif solver in ADAPTIVE_SOLVERS:
         if steps is not None:
             raise ValueError(f"solver {solver!r} is adaptive: its steps follow atol/rtol, so steps must be None")
+        atol, rtol = _check_tolerance(atol, "atol"), _check_tolerance(rtol, "rtol")
+        if max_nfe is None:
+            max_nfe = DEFAULT_MAX_NFE
+        elif isinstance(max_nfe, bool) or not isinstance(max_nfe, int) or max_nfe < 1:
+            raise ValueError(f"max_nfe must be an integer >= 1, got {max_nfe!r}")
+        if return_trajectory and (isinstance(trajectory_points, bool) or not isinstance(trajectory_points, int)
+                                  or trajectory_points < 2):
+            raise ValueError(f"trajectory_points must be an integer >= 2, got {trajectory_points!r}")
         grid = torch.linspace(t_span[0], t_span[1], trajectory_points if return_trajectory else 2, dtype=x0.dtype)
     else:
         raise ValueError(f"solver must be one of {FIXED_STEP_SOLVERS + ADAPTIVE_SOLVERS}, got {solver!r}")
-    from torchdyn.core import NeuralODE  # lazy: importing torchdyn takes seconds
+    if not all(math.isfinite(float(s)) for s in t_span) or float(t_span[0]) == float(t_span[1]):
+        raise ValueError(f"t_span must be two different finite times, got {t_span}")
+    # lazy: importing torchdyn takes seconds. torchdyn.numerics imports neither pytorch_lightning nor torchvision.
+    from torchdyn.numerics import odeint
     from torchdyn.numerics.solvers.ode import str_to_solver
 
-    counted = _CountedField(field)
-    # torchdyn's defaults (1e-3) leave fixed-step solvers silent; ours would trigger its warning.
-    tolerances = dict(atol=atol, rtol=rtol) if solver in ADAPTIVE_SOLVERS else dict(atol=1e-3, rtol=1e-3)
-    with contextlib.redirect_stdout(io.StringIO()):  # torchdyn prints a notice for parameter-free fields
-        # NeuralODE would build the Butcher tableau in float32; build it in the states' dtype.
-        node = NeuralODE(counted, solver=str_to_solver(solver, x0.dtype), sensitivity="autograd", **tolerances)
-    grid = grid.to(device=x0.device, dtype=x0.dtype)
+    guarded = _GuardedField(field, solver, max_nfe, (float(t_span[0]), float(t_span[1])))
+    stepper = str_to_solver(solver, x0.dtype)  # the tableau in the states' dtype (torchdyn's default: float32)
+    grid = grid.to(device=x0.device)
     with torch.set_grad_enabled(enable_grad):
-        times, states = node(x0, grid)
+        if solver in ADAPTIVE_SOLVERS:
+            times, states = odeint(guarded, x0, grid, _GuardedSolver(stepper, solver), atol=atol, rtol=rtol)
+        else:  # torchdyn warns when a fixed-step solver gets tolerances: leave its defaults
+            times, states = odeint(guarded, x0, grid, stepper)
     if not torch.isfinite(states[-1]).all():
-        raise RuntimeError(f"integration with {solver!r} produced NaN or inf after {counted.nfe} evaluations")
+        raise IntegrationError(f"integration with {solver!r} produced NaN or inf in its final states after "
+                               f"{guarded.nfe} field evaluations; expected finite states")
     if return_trajectory:
-        return SampleResult(x=states[-1], nfe=counted.nfe, times=times, trajectory=states)
-    return SampleResult(x=states[-1], nfe=counted.nfe)
+        return SampleResult(x=states[-1], nfe=guarded.nfe, times=times, trajectory=states)
+    return SampleResult(x=states[-1], nfe=guarded.nfe)
