@@ -17,8 +17,8 @@ import warnings
 
 import torch
 
-from ot_cfm.validation import check_batch, check_time
-from proximal.potential import BrenierPotential
+from ot_cfm.validation import check_batch
+from proximal.potential import BrenierPotential, time_to_go
 
 __all__ = ["DiscreteBrenierPotential"]
 
@@ -156,13 +156,19 @@ class DiscreteBrenierPotential(BrenierPotential):
     def assign(self, x: torch.Tensor, t: float | torch.Tensor = 0.0) -> torch.Tensor:
         """Index ``j*(x, t)`` of the support point reached through x at time t: (B, d) -> (B,) long.
 
-        ``t`` is a float or (B,) tensor in [0, 1]; t = 0 gives the Laguerre cell of x, t = 1 the
-        nearest support point. Scores ``[x, 2(1-t), t] @ [-2 y; g; |y|^2]``, one product per block.
+        ``t`` is a float or (B,) tensor in [0, 1], read in float64; t = 0 gives the Laguerre cell of
+        x, t = 1 the nearest support point. Scores ``[x, 2(1-t), t] @ [-2 y; g; |y|^2]``, one product
+        per block, in x's dtype: in float32, points within about ``2^-24 (|x| |y| + |y|^2)`` of a tie
+        between two cells (a cell boundary) may get the neighbouring one.
         """
         self._check_points(x)
-        t = check_time(t, x)
+        return self._assign(x, time_to_go(t, x, allow_one=True))
+
+    @torch.no_grad()
+    def _assign(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """``assign`` for float64 times to go s (B,) in [0, 1]."""
         support = self._lifted_support(x)
-        lifted = torch.cat([x, 2 * (1 - t[:, None]), t[:, None]], 1)
+        lifted = torch.cat([x, (2 * s).to(x.dtype)[:, None], (1 - s).to(x.dtype)[:, None]], 1)
         rows, cols = self._blocks(x.shape[0])
         if cols >= self.n_support:  # one column block: argmin per row block, no merging
             return torch.cat([(lifted[r:r + rows] @ support).argmin(1) for r in range(0, x.shape[0], rows)])
@@ -190,6 +196,18 @@ class DiscreteBrenierPotential(BrenierPotential):
         continuous one. x: (B, d), t: float or (B,). Returns (B, d).
         """
         return self._param("support", x)[self.assign(x, t)]
+
+    def _recover_target(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """``recover_target`` for float64 times to go s (B,)."""
+        return self._param("support", x)[self._assign(x, s)]
+
+    def _velocity64(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """``(y_{j*} - x) / s`` in float64: ``j*`` in x's dtype, then the exact (stored) ``y_{j*}``
+        minus x, divided by the time to go: no rounding of y, x or 1 - t to x's dtype before the
+        cancellation near t = 1."""
+        index = self._assign(x, s)
+        x = x.to(torch.float64)
+        return (self._param("support", x)[index] - x) / s[:, None]
 
     def prox_conjugate(self, z: torch.Tensor, lam: float | torch.Tensor, *, tol: float | None = None,
                        max_iter: int = 20_000) -> torch.Tensor:

@@ -20,30 +20,39 @@ __all__ = ["ExactVelocityField", "FieldErrorReport", "field_error"]
 
 class ExactVelocityField(torch.nn.Module):
     """``field(t, x) = u_t(x)`` of ``potential``; x (B, *shape) with prod(shape) = potential.dim,
-    t a float, a 0-d or a (B,) tensor. Returns a tensor shaped like x.
+    t a float, a 0-d or a (B,) tensor in [0, 1). Returns a tensor shaped like x, in x's dtype.
 
-    Adaptive ODE solvers evaluate at t = 1 and may step slightly past [0, 1]: times within
-    ``end_margin`` outside [0, 1] are accepted, and every time is clamped to
-    [0, 1 - end_margin] (u_t is undefined at t = 1). Times further out raise ValueError.
+    Times are read in float64 and the field is computed in float64 (``BrenierPotential.velocity``
+    gives the accuracy per target and dtype): nothing is clamped, so the answer at t = 1 - 1e-9
+    is the field at that time. Near t = 1 pass t as a Python float or a float64 tensor (a float32
+    t cannot hold 1 - t below 6e-8), or call ``field.at_time_to_go(s, x)`` with s = 1 - t.
+
+    t = 1 raises ValueError: u_t(x) = (x1 - x) / (1 - t) has no value there (every source point of
+    a cell arrives at one target point, each with its own velocity). Integrate the exact field with
+    a fixed-step solver that never evaluates t = 1 ("euler", "midpoint": exact on these straight
+    paths, Euler in one step), or stop at t = 1 - s and finish with ``potential.recover_target``.
+    Adaptive solvers and "rk4" evaluate at the end time and so raise.
     """
 
-    def __init__(self, potential: BrenierPotential, *, end_margin: float = 1e-6) -> None:
+    def __init__(self, potential: BrenierPotential) -> None:
         super().__init__()
         if not isinstance(potential, BrenierPotential):
             raise ValueError(f"potential must be a BrenierPotential, got {type(potential).__name__}")
-        if not 0 < end_margin < 0.5:
-            raise ValueError(f"end_margin must lie in (0, 0.5), got {end_margin}")
         self.potential = potential
-        self.end_margin = float(end_margin)
 
-    def forward(self, t: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _flat(self, x: torch.Tensor) -> torch.Tensor:
         check_batch(x, "x")
         flat = x.reshape(x.shape[0], -1)
         if flat.shape[1] != self.potential.dim:
             raise ValueError(f"x has {flat.shape[1]} features per sample, the potential has dim {self.potential.dim}")
-        t = check_time(t, flat, low=-self.end_margin, high=1 + self.end_margin)
-        t = t.clamp(0.0, 1.0 - self.end_margin)
-        return self.potential.velocity(flat, t).reshape(x.shape)
+        return flat
+
+    def forward(self, t: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.potential.velocity(self._flat(x), t).reshape(x.shape)
+
+    def at_time_to_go(self, s: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``u_t(x)`` at ``t = 1 - s`` for a time to go s (float, 0-d or (B,)) in (0, 1]."""
+        return self.potential.velocity_at_time_to_go(self._flat(x), s).reshape(x.shape)
 
 
 @dataclass(frozen=True)

@@ -38,3 +38,8 @@ class PointPotential(BrenierPotential):
         self._check_points(z, "z")
         self._check_lam(lam, z)
         return self._param("point", z).expand_as(z).clone()
+
+    def _velocity64(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """``u_t(x) = (c - x) / s`` in float64, c exact."""
+        x = x.to(torch.float64)
+        return (self._param("point", x) - x) / s[:, None]

@@ -8,6 +8,11 @@ at time t is (proximal form of the OT-CFM field, DESIGN.md section 1)
     u_t(x)   = (x1(x, t) - x) / (1 - t).
 
 Subclasses implement ``transport_map`` and ``prox_conjugate``; everything else follows.
+
+Near t = 1 the field is written with the time to go ``s = 1 - t``: ``u = (x1 - x) / s``, in
+float64 whatever the input's dtype (see ``velocity`` for the accuracy per dtype). A float32 ``t``
+cannot hold ``s`` below 6e-8 (1 - 1e-9 rounds to 1.0), so times are read in float64 (pass t as a
+Python float or a float64 tensor) and ``velocity_at_time_to_go`` takes s itself.
 """
 
 from __future__ import annotations
@@ -16,9 +21,44 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from ot_cfm.validation import check_batch, check_time
+from ot_cfm.validation import as_time_tensor, check_batch
 
 __all__ = ["BrenierPotential"]
+
+F64 = torch.float64
+
+
+def _times64(t: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``t`` as a (B,) float64 tensor on x's device, converted exactly (not rounded to x's dtype)."""
+    return as_time_tensor(t, torch.empty(x.shape[0], 0, dtype=F64, device=x.device))
+
+
+def time_to_go(t: float | torch.Tensor, x: torch.Tensor, *, allow_one: bool = False) -> torch.Tensor:
+    """``s = 1 - t`` as a (B,) float64 tensor for times t in [0, 1) ([0, 1] with ``allow_one``).
+
+    ``1 - t`` is exact in float64 for t >= 1/2 (Sterbenz), so s keeps every bit the given t holds.
+    """
+    t = _times64(t, x)
+    if not torch.isfinite(t).all() or (t < 0).any() or (t > 1).any() or (not allow_one and (t == 1).any()):
+        bad = t[~(torch.isfinite(t) & (t >= 0) & ((t <= 1) if allow_one else (t < 1)))][:5].tolist()
+        interval = "[0, 1]" if allow_one else "[0, 1)"
+        hint = "" if allow_one or not (t == 1).any() else (
+            ": the field (x1 - x) / (1 - t) is undefined at t = 1 (every source point of a cell arrives "
+            "at the same target point, with its own velocity). A float32 t cannot hold 1 - t below 6e-8 "
+            "(1 - 1e-9 rounds to 1.0): pass t as a Python float or a float64 tensor, or give the time to go "
+            "s = 1 - t to velocity_at_time_to_go(x, s)")
+        raise ValueError(f"t must lie in {interval}, got values {bad}{hint}")
+    return 1 - t
+
+
+def check_time_to_go(s: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The time to go ``s = 1 - t`` as a (B,) float64 tensor, checked to lie in (0, 1]."""
+    s = _times64(s, x)
+    if not (torch.isfinite(s).all() and (s > 0).all() and (s <= 1).all()):
+        bad = s[~(torch.isfinite(s) & (s > 0) & (s <= 1))][:5].tolist()
+        raise ValueError(f"the time to go s = 1 - t must lie in (0, 1], got values {bad} (s = 0 is t = 1, "
+                         "where the field is undefined)")
+    return s
 
 
 class BrenierPotential(ABC):
@@ -87,23 +127,77 @@ class BrenierPotential(ABC):
     def recover_target(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
         """Target point ``x1(x, t)``: ``prox_{lam phi^*}(x / t)`` with ``lam = (1-t)/t``, ``T(x)`` at t = 0.
 
-        x: (B, dim); t: float or (B,) in [0, 1) (rows may mix t = 0 and t > 0). Returns (B, dim).
+        x: (B, dim); t: float or (B,) in [0, 1) (rows may mix t = 0 and t > 0), read in float64.
+        Returns (B, dim) in x's dtype.
         """
         self._check_points(x)
-        t = check_time(t, x, include_high=False)
+        return self._recover_target(x, time_to_go(t, x))
+
+    def _recover_target(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """``x1`` for float64 times to go ``s`` (B,) in (0, 1]; computed in x's dtype."""
+        t = 1 - s
         positive = t > 0
         if bool(positive.all()):
-            return self.prox_conjugate(x / t[:, None], (1 - t) / t)
+            return self.prox_conjugate(x / t.to(x.dtype)[:, None], (s / t).to(x.dtype))
         if not bool(positive.any()):
             return self.transport_map(x)
         out = torch.empty_like(x)
-        tp = t[positive]
-        out[positive] = self.prox_conjugate(x[positive] / tp[:, None], (1 - tp) / tp)
+        tp, sp = t[positive], s[positive]
+        out[positive] = self.prox_conjugate(x[positive] / tp.to(x.dtype)[:, None], (sp / tp).to(x.dtype))
         out[~positive] = self.transport_map(x[~positive])
         return out
 
     def velocity(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
-        """Exact OT-CFM field ``u_t(x) = (x1(x, t) - x) / (1 - t)``; x: (B, dim), t in [0, 1)."""
+        """Exact OT-CFM field ``u_t(x) = (x1(x, t) - x) / (1 - t)``: x (B, dim), t float or (B,) in [0, 1).
+
+        ``t`` is read in float64 (a Python float, or a tensor of any floating dtype, converted
+        exactly); ``s = 1 - t`` is then exact for t >= 1/2. The field is computed in float64 and
+        returned in x's dtype. Accuracy, for the x and t given (the field at these very numbers):
+
+        - empirical targets (``DiscreteBrenierPotential``) and point masses: the target point y is
+          exact, so ``(y - x) / s`` carries at most three float64 roundings (s, the difference, the
+          quotient), then one rounding to x's dtype: relative error per component <= 2^-51 in
+          float64, <= 2^-24 + 2^-51 in float32, for every t < 1 (given the right y: see
+          ``DiscreteBrenierPotential.assign`` for ties in float32);
+        - Gaussian, sphere, tensor grid (and products of them): the closed forms below are
+          evaluated in float64; components whose field is ``O(|x| / s)`` sensitive to x (normal to
+          a sphere, the null space of a singular covariance) carry an absolute error of a few
+          ``2^-53 |x| / s``, the error that rounding x itself to float64 would already make.
+
+        What no dtype can give back is an x rounded before the call: near t = 1 the field moves by
+        ``|dx| / s`` when x moves by dx, so a state stored in float32 (|dx| ~ 6e-8 |x|) fixes the
+        field only to about ``6e-8 |x| / s``. t = 1 raises: the field is undefined there (use
+        ``velocity_at_time_to_go`` for times closer to 1 than the dtype of t can hold). A field that
+        overflows x's dtype (|u| above its largest value, e.g. float16 off the path at tiny s)
+        raises instead of returning inf.
+        """
         self._check_points(x)
-        t = check_time(t, x, include_high=False)
-        return (self.recover_target(x, t) - x) / (1 - t)[:, None]
+        s = time_to_go(t, x)
+        return self._finish(self._velocity64(x, s), x, s)
+
+    def velocity_at_time_to_go(self, x: torch.Tensor, s: float | torch.Tensor) -> torch.Tensor:
+        """``u_t(x)`` at ``t = 1 - s`` for a time to go s (float or (B,)) in (0, 1]; as ``velocity``,
+        for times closer to 1 than a float32 (or even float64) t can represent."""
+        self._check_points(x)
+        s = check_time_to_go(s, x)
+        return self._finish(self._velocity64(x, s), x, s)
+
+    def _velocity64(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """The field in float64 for x (B, dim) in any dtype and float64 s (B,) in (0, 1].
+
+        Generic form: ``(x1 - x) / s`` with ``x1`` from ``prox_conjugate`` in float64; its
+        accuracy is that of the prox. Subclasses override it with exact or cancellation-free forms.
+        """
+        x = x.to(F64)
+        return (self._recover_target(x, s) - x) / s[:, None]
+
+    @staticmethod
+    def _finish(u: torch.Tensor, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """Round the float64 field to x's dtype; raise if it does not fit."""
+        out = u.to(x.dtype)
+        if not torch.isfinite(out).all():
+            rows = (~torch.isfinite(out)).any(1)
+            raise ValueError(f"the field does not fit in {x.dtype} at 1 - t = {float(s[rows].min()):.3g} "
+                             f"(|u| = |x1 - x| / (1 - t) above {torch.finfo(x.dtype).max:.3g} in rows "
+                             f"{rows.nonzero().flatten()[:5].tolist()}); use float64 or a larger 1 - t")
+        return out

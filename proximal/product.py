@@ -11,7 +11,6 @@ from collections.abc import Sequence
 
 import torch
 
-from ot_cfm.validation import check_time
 from proximal.potential import BrenierPotential
 
 __all__ = ["ProductPotential"]
@@ -64,14 +63,10 @@ class ProductPotential(BrenierPotential):
         lam = self._check_lam(lam, z)
         return self._blockwise(z, lambda p, zb: p.prox_conjugate(zb, lam))
 
-    def recover_target(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
-        """Blockwise ``x1_b(x[S_b], t)``; x (B, d), t float or (B,) in [0, 1)."""
-        self._check_points(x)
-        t = check_time(t, x, include_high=False)
-        return self._blockwise(x, lambda p, xb: p.recover_target(xb, t))
+    def _recover_target(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """Blockwise ``x1_b(x[S_b], t)``; x (B, d), float64 times to go s (B,)."""
+        return self._blockwise(x, lambda p, xb: p._recover_target(xb, s))
 
-    def velocity(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
-        """Blockwise ``u_t^b(x[S_b])``; x (B, d), t float or (B,) in [0, 1)."""
-        self._check_points(x)
-        t = check_time(t, x, include_high=False)
-        return self._blockwise(x, lambda p, xb: p.velocity(xb, t))
+    def _velocity64(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """Blockwise ``u_t^b(x[S_b])`` in float64, each block in its own accurate form."""
+        return self._blockwise(x.to(torch.float64), lambda p, xb: p._velocity64(xb, s))

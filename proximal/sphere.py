@@ -2,6 +2,8 @@
 
 ``phi(x) = r |x|``, ``T(x) = r x / |x|``; ``phi^*`` is the indicator of the closed ball of
 radius r, so ``prox_{lam phi^*}`` is the projection onto that ball (for every lam > 0).
+With ``s = 1 - t`` the field is ``u_t(x) = x / t`` inside the ball of radius r t and
+``u_t(x) = (r - |x|) x / (|x| s)`` outside it (where the OT path runs: ``|x_t| >= r t``).
 """
 
 from __future__ import annotations
@@ -39,3 +41,14 @@ class SpherePotential(BrenierPotential):
         self._check_lam(lam, z)
         norm = z.norm(dim=1, keepdim=True)
         return z * (self.radius / norm.clamp_min(self.radius))
+
+    def _velocity64(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """The closed form above in float64 (no cancellation between x1 and x; the normal component
+        ``r - |x|`` is as accurate as |x| in float64); 0 at x = 0."""
+        x = x.to(torch.float64)
+        t = (1 - s)[:, None]
+        norm = x.norm(dim=1, keepdim=True)
+        safe = torch.where(norm > 0, norm, torch.ones_like(norm))
+        outside = x * ((self.radius - norm) / (safe * s[:, None]))
+        inside = x / torch.where(t > 0, t, torch.ones_like(t))
+        return torch.where(norm >= self.radius * t, outside, inside)
