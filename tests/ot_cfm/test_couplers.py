@@ -11,9 +11,12 @@ import scipy.sparse
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from ot_cfm.couplers import exact as exact_module
 from ot_cfm.couplers import network_simplex as network_simplex_module
-from ot_cfm.couplers.base import sample_rows
+from ot_cfm.couplers.base import centre_and_scale, sample_rows
 from ot_cfm.couplers.exact import ExactOTCoupler
+from ot_cfm.couplers.multiscale import multiscale_assignment
+from ot_cfm.couplers.network_simplex import certificate_tolerance, certify
 from ot_cfm.couplers.independent import IndependentCoupler
 from ot_cfm.couplers.sinkhorn import SinkhornCoupler
 
@@ -110,6 +113,103 @@ def test_network_simplex_raises_on_an_infeasible_sparse_problem():
     cost = scipy.sparse.coo_array((np.ones(2), (np.array([0, 1]), np.array([0, 0]))), shape=(2, 2))
     with pytest.raises(RuntimeError, match="optimal"):
         network_simplex_module.network_simplex(cost)
+
+
+# ---------------------------------------------------------------- exact at every scale
+
+# (scale, offset): the points are offset + scale * (well-conditioned points). Before centring and
+# scaling, at B = 512, d = 2: POT and multiscale were 0.4 % (1e-6) and 70 to 120 % (1e-8) above the
+# optimum, and a common offset of 1e6 put every backend, scipy included, 1e-6 to 5e-6 above it.
+SCALES_AND_OFFSETS = [(1e-8, 0.0), (1e-6, 0.0), (1e8, 0.0), (1.0, 1e6), (1e-3, 1e3), (1e-2, -1e4)]
+SCALE_B = 512  # above multiscale's dense base (256): its sparse column generation runs
+
+
+def test_scale_cases_run_multiscales_sparse_path():
+    assert ExactOTCoupler("auto").choose_solver(SCALE_B, SCALE_B, 2) == "multiscale"
+    assert SCALE_B > multiscale_assignment.__kwdefaults__["base"]
+
+
+@pytest.mark.parametrize("backend", EXACT_BACKENDS)
+@pytest.mark.parametrize("scale, offset", SCALES_AND_OFFSETS, ids=str)
+def test_exact_is_optimal_at_every_scale_and_offset(backend, scale, offset):
+    """The permutation found on offset + scale * x is optimal for x itself (the optimal permutation does
+    not change under a common translation and positive scaling): its cost on x, in float64, equals
+    scipy's optimum on x to 1e-9 (the transformed points are x rounded to about 1e-10 relative)."""
+    x0, x1 = batches((SCALE_B, 2), seed=21)
+    i, j = ExactOTCoupler(backend).indices(offset + scale * x0, offset + scale * x1)
+    assert torch.equal(torch.sort(j).values, torch.arange(SCALE_B))
+    c = sq_cost(x0, x1).numpy()
+    r, s = linear_sum_assignment(c)
+    assert c[i.numpy(), j.numpy()].mean() == pytest.approx(c[r, s].mean(), rel=1e-9)
+
+
+@pytest.mark.parametrize("scale, offset", [(1e-8, 0.0), (1e8, 0.0), (1.0, 1e6)], ids=str)
+@pytest.mark.parametrize("weighted", [False, True], ids=["uniform", "weighted"])
+def test_exact_unequal_plan_is_optimal_at_every_scale_and_offset(scale, offset, weighted):
+    """Unequal sizes (POT's network simplex, certified): the plan on offset + scale * x costs, on x, what
+    POT's plan on x costs; with weights too (a translation changes sum P <x0_i, x1_j> only by terms fixed
+    by the marginals)."""
+    x0, x1 = batches((300, 2), b1=500, seed=22)
+    g = torch.Generator().manual_seed(5)
+    w0 = torch.rand(300, generator=g, dtype=torch.float64) + 0.1 if weighted else torch.ones(300, dtype=torch.float64)
+    w0 = w0 / w0.sum()
+    w1 = torch.full((500,), 1 / 500, dtype=torch.float64)
+    p = ExactOTCoupler("auto").plan(offset + scale * x0, offset + scale * x1, weights0=w0 if weighted else None)
+    torch.testing.assert_close(p.sum(1), w0, rtol=0, atol=1e-12)
+    c = sq_cost(x0, x1)
+    expected = ot.emd2(w0.numpy(), w1.numpy(), c.numpy(), numItermax=10**9)
+    assert float((p * c).sum()) == pytest.approx(expected, rel=1e-9)
+
+
+def test_centre_and_scale_is_one_common_translation_and_power_of_two():
+    x0, x1 = batches((40, 3), b1=30, seed=4, scale=1e-7)
+    x0, x1 = x0 + 5e3, x1 + 5e3
+    a, b, s = centre_and_scale(x0, x1)
+    assert math.frexp(s)[0] == 0.5, "a power of two"
+    assert 0.5 <= float(torch.cat([a, b]).abs().max()) <= 1.0
+    torch.testing.assert_close(torch.cdist(a, b) * s, torch.cdist(x0 - 5e3, x1 - 5e3), rtol=1e-9, atol=0)
+    assert torch.equal(x0 - x0[:1], x0 - x0[:1]), "inputs untouched"
+    same = torch.ones(4, 2)
+    a, b, s = centre_and_scale(same, same)
+    assert s == 1.0 and not a.any() and not b.any(), "coinciding points: no division by zero"
+
+
+def test_certificate_accepts_the_optimum_and_rejects_a_wrong_plan():
+    """POT's optimal permutation with its duals passes; the same duals with two targets swapped, or
+    with one dual raised so that an arc goes negative, are refused."""
+    x0, x1 = batches((30, 2), seed=9)
+    a, b, _ = centre_and_scale(x0, x1)
+    na, nb = (a * a).sum(1), (b * b).sum(1)
+    cost = na[:, None] + nb[None, :] - 2 * a @ b.T
+    plan, u, v = network_simplex_module.network_simplex(cost.numpy())
+    reduced = cost - torch.from_numpy(u)[:, None] - torch.from_numpy(v)[None, :]
+    tol = certificate_tolerance(na, nb)
+    rows, perm = torch.arange(30), torch.from_numpy(plan.argmax(1))
+    assert certify(reduced, rows, perm, tol, solver="test").numel() == 0
+    swapped = perm.clone()
+    swapped[[0, 1]] = perm[[1, 0]]
+    with pytest.raises(RuntimeError, match="test returned a plan that fails its optimality certificate"):
+        certify(reduced, rows, swapped, tol, solver="test")
+    lowered = reduced.clone()
+    lowered[3] -= 1e-6  # u_3 raised by 1e-6: row 3 is dual infeasible
+    assert torch.equal(certify(lowered, rows, perm, tol, solver="test", strict=False), torch.tensor([3]))
+    with pytest.raises(RuntimeError, match="optimality certificate"):
+        certify(lowered, rows, perm, tol, solver="test")
+
+
+@pytest.mark.parametrize("b1", [40, 55], ids=["equal", "unequal"])
+def test_exact_pot_raises_instead_of_returning_a_suboptimal_plan(monkeypatch, b1):
+    """A network simplex that answers with two sources' targets swapped (and the optimal duals) is caught."""
+    solve = network_simplex_module.network_simplex
+
+    def swapped(cost, a=None, b=None):
+        plan, u, v = solve(cost, a, b)
+        return plan[[1, 0, *range(2, len(plan))]], u, v
+
+    monkeypatch.setattr(exact_module, "network_simplex", swapped)
+    x0, x1 = batches((40, 2), b1=b1, seed=3)
+    with pytest.raises(RuntimeError, match="POT network simplex .ExactOTCoupler. returned a plan that fails"):
+        ExactOTCoupler("pot").plan(x0, x1)
 
 
 # ---------------------------------------------------------------- exact, unequal sizes

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import ot
 import pytest
+import scipy.sparse
 import torch
 
 from ot_cfm.couplers import multiscale
@@ -142,3 +143,39 @@ def test_non_finite_input_raises(value):
     y[3, 1] = value
     with pytest.raises(ValueError, match="NaN or inf"):
         multiscale_assignment(x, y)
+
+
+def test_tiny_scale_and_offset_reach_the_unit_scale_optimum(count_solves):
+    """Points scaled by 1e-7 or offset by 1e6, solved through the sparse levels: the permutation is
+    optimal for the unit-scale points (before centring and scaling: 1.6 % above it at 1e-6, B = 1024)."""
+    x, y = mixture(400, 2, 10)
+    optimum, c = pot_optimum(x, y)
+    for scale, offset in ((1e-7, 0.0), (1.0, 1e6)):
+        perm = multiscale_assignment(offset + scale * x, offset + scale * y, base=64)
+        assert total_cost(c, perm) == pytest.approx(optimum, rel=1e-9)
+    assert count_solves["sparse"] >= 4
+
+
+def _swapping(solve):
+    """A network simplex that answers with the targets of sources 0 and 1 swapped (duals unchanged)."""
+    def swapped(cost):
+        plan, u, v = solve(cost)
+        if isinstance(plan, np.ndarray):
+            return plan[[1, 0, *range(2, plan.shape[0])]], u, v
+        plan = plan.tocoo()
+        rows = plan.row.copy()
+        rows[plan.row == 0], rows[plan.row == 1] = 1, 0
+        return scipy.sparse.coo_array((plan.data, (rows, plan.col)), shape=plan.shape), u, v
+    return swapped
+
+
+@pytest.mark.parametrize("n, base, rounds", [(40, 64, 50), (200, 64, 50), (200, 64, 0)],
+                         ids=["dense", "sparse", "dense fallback"])
+def test_a_wrong_answer_from_pot_raises_instead_of_returning(monkeypatch, n, base, rounds):
+    """Whichever path answers (dense at or below base, sparse rounds, the dense fallback after them),
+    a plan that its duals do not certify raises RuntimeError."""
+    monkeypatch.setattr(multiscale, "network_simplex", _swapping(multiscale.network_simplex))
+    monkeypatch.setattr(multiscale, "_MAX_ROUNDS", rounds)
+    x, y = mixture(n, 2, 11)
+    with pytest.raises(RuntimeError, match="fails its optimality certificate"):
+        multiscale_assignment(x, y, base=base)
