@@ -8,6 +8,13 @@ With C_ij = |x0_i - x1_j|^2 (flattened), uniform weights a = 1/B0, b = 1/B1 and 
 Each half-step is a log-sum-exp over row or column chunks of C, rebuilt from the points, so
 memory is O(chunk_size * B + B d) and the B0 x B1 cost is never stored (Cuturi 2013; Peyre and
 Cuturi, Computational Optimal Transport, sec. 4.4).
+
+The iterations run on the batches centred by one common point and divided by one power of two s
+(``base.centre_and_scale``, O(B d)): C becomes C / s^2 and epsilon epsilon / s^2, so the plan is the
+same (exactly in exact arithmetic), while the squared norms no longer overflow (float32 points near
+1e20 gave an all-NaN plan) nor cancel under a common offset. ``solve`` reports f, g and epsilon back
+in the caller's cost units. A NaN or infinite potential raises RuntimeError: no plan or draw is ever
+made from one.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ot_cfm.couplers.base import Coupler, buffer_view, sample_rows
+from ot_cfm.couplers.base import Coupler, buffer_view, centre_and_scale, sample_rows
 
 __all__ = ["SinkhornCoupler", "SinkhornResult"]
 
@@ -64,6 +71,18 @@ def _soft_min(potential: torch.Tensor, cost: torch.Tensor, eps: float, log_weigh
     return -eps * (top.squeeze(dim) + total.log() + log_weight)
 
 
+def _non_finite_error(dtype: torch.dtype, eps: float, iteration: int) -> RuntimeError:
+    return RuntimeError(f"Sinkhorn produced NaN or infinite potentials at iteration {iteration} (dtype {dtype}, "
+                        f"epsilon {eps:.3e} in units of the centred, scaled cost); expected finite ones, and no plan "
+                        "is made from them: raise epsilon, or pass float64 inputs")
+
+
+def _check_finite(f: torch.Tensor, g: torch.Tensor, eps: float, iteration: int) -> None:
+    """RuntimeError, saying what went wrong and what to change, unless both potentials are finite."""
+    if not (torch.isfinite(f).all() and torch.isfinite(g).all()):
+        raise _non_finite_error(f.dtype, eps, iteration)
+
+
 class SinkhornCoupler(Coupler):
     """Entropic OT coupling: each source is paired with one target drawn from its row of P.
 
@@ -97,20 +116,39 @@ class SinkhornCoupler(Coupler):
                 f"max_iters={self.max_iters}, chunk_size={self.chunk_size})")
 
     def _prepare(self, x0: torch.Tensor, x1: torch.Tensor):
+        """(a, b, na, nb, eps, chunk, scale): the centred points divided by ``scale``, their squared
+        norms, epsilon in those units (the cost divided by scale^2) and the chunk size."""
         self.validate(x0, x1)
-        a, b = x0.detach().flatten(1), x1.detach().flatten(1)
+        a, b, scale = centre_and_scale(x0.detach().flatten(1), x1.detach().flatten(1))
         na, nb = (a * a).sum(1), (b * b).sum(1)
-        eps = self.epsilon
         if self.relative:
             # mean_ij |a_i - b_j|^2 = mean |a|^2 + mean |b|^2 - 2 <mean a, mean b>, in O(B d)
             mean_cost = float(na.mean() + nb.mean() - 2.0 * (a.mean(0) @ b.mean(0)))
-            eps *= mean_cost if mean_cost > 0 else 1.0  # all points equal: every plan is optimal
+            eps = self.epsilon * (mean_cost if mean_cost > 0 else 1.0)  # all points equal: every plan is optimal
+        else:
+            eps = self.epsilon / scale / scale
+            if not eps >= torch.finfo(a.dtype).tiny:
+                raise ValueError(f"epsilon={self.epsilon} (absolute) is below what {a.dtype} resolves at this data's "
+                                 f"cost scale (squared extent about {scale * scale:.1e}); expected epsilon above "
+                                 f"{torch.finfo(a.dtype).tiny * scale * scale:.1e}: raise it, or use relative=True")
         chunk = self.chunk_size or max(1, _CHUNK_ENTRIES // max(a.shape[0], b.shape[0]))
-        return a, b, na, nb, eps, chunk
+        return a, b, na, nb, eps, chunk, scale
 
     def solve(self, x0: torch.Tensor, x1: torch.Tensor) -> SinkhornResult:
-        """Run Sinkhorn on x0 (B0, *shape), x1 (B1, *shape) until the marginal error is below ``tol``."""
-        return self._run(*self._prepare(x0, x1))
+        """Run Sinkhorn on x0 (B0, *shape), x1 (B1, *shape) until the marginal error is below ``tol``.
+
+        f, g and epsilon are in the units of the cost |x0_i - x1_j|^2; RuntimeError when they overflow
+        x0's dtype there (float32 points beyond about 1e19: pass float64, or use ``plan``/``indices``,
+        which need only the scaled potentials)."""
+        *prep, scale = self._prepare(x0, x1)
+        res = self._run(*prep)
+        s2 = scale * scale
+        f, g = res.f * s2, res.g * s2
+        if not (torch.isfinite(f).all() and torch.isfinite(g).all()):
+            raise RuntimeError(f"the Sinkhorn potentials in cost units overflow {f.dtype} (cost scale {s2:.1e}); "
+                               "expected a cost that the inputs' dtype can hold: pass float64 inputs, or use plan() "
+                               "or indices(), which work on the scaled cost")
+        return SinkhornResult(f, g, res.epsilon * s2, res.marginal_error, res.n_iters, res.converged)
 
     def _run(self, a, b, na, nb, eps, chunk) -> SinkhornResult:
         log_a, log_b = -math.log(a.shape[0]), -math.log(b.shape[0])
@@ -141,10 +179,14 @@ class SinkhornCoupler(Coupler):
             f_new = half_step(g, 1)
             # row sums of the current plan are a_i exp((f_i - f_new_i) / eps)
             err = float(torch.exp(log_a + (f - f_new) / eps).sub(math.exp(log_a)).abs().sum())
+            if math.isnan(err):  # a NaN potential (an infinite error alone can be a far start)
+                raise _non_finite_error(f.dtype, eps, it)
             if err <= self.tol:
+                _check_finite(f, g, eps, it)
                 return SinkhornResult(f, g, eps, err, it, True)
             f = f_new
             g = half_step(f, 0)
+        _check_finite(f, g, eps, self.max_iters)
         warnings.warn(f"Sinkhorn stopped at max_iters={self.max_iters} with marginal error {err:.2e} > tol={self.tol}; "
                       "raise max_iters or epsilon", RuntimeWarning, stacklevel=3)
         return SinkhornResult(f, g, eps, err, self.max_iters, False)
@@ -152,7 +194,7 @@ class SinkhornCoupler(Coupler):
     def indices(self, x0: torch.Tensor, x1: torch.Tensor, *,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(i, j) of shape (B0,): i = arange(B0), j_i ~ P[i, :] / a_i, drawn chunk by chunk with ``generator``."""
-        prep = self._prepare(x0, x1)
+        *prep, _ = self._prepare(x0, x1)
         res = self._run(*prep)
         a, b, na, nb, eps, chunk = prep
         j = torch.cat([sample_rows((res.g - _cost_block(a[s:s + chunk], b, na[s:s + chunk], nb)) / eps, generator)
@@ -161,7 +203,7 @@ class SinkhornCoupler(Coupler):
 
     def plan(self, x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
         """The entropic plan P of shape (B0, B1) (materialised: for moderate batches), on x0's device."""
-        prep = self._prepare(x0, x1)
+        *prep, _ = self._prepare(x0, x1)
         res = self._run(*prep)
         a, b, na, nb, eps, _ = prep
         logp = (res.f[:, None] + res.g[None, :] - _cost_block(a, b, na, nb)) / eps

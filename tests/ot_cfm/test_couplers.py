@@ -414,6 +414,37 @@ def test_sinkhorn_warns_when_not_converged():
     assert not res.converged and res.n_iters == 3
 
 
+def test_sinkhorn_on_float32_points_near_1e20_gives_the_unit_scale_plan():
+    """Squared norms of float32 points near 1e20 overflow; before centring and scaling the plan was all
+    NaN and the draws all zero. The plan depends on the data only through C / (epsilon mean C): it must
+    equal the plan of the same points at unit scale, and the draws with one seed must mostly agree."""
+    x0, x1 = batches((64, 2), seed=12, dtype=torch.float32)
+    big0, big1 = 1e20 * x0, 1e20 * x1
+    ref = SinkhornCoupler().plan(x0, x1)
+    p = SinkhornCoupler().plan(big0, big1)
+    assert bool(torch.isfinite(p).all())
+    torch.testing.assert_close(p, ref, rtol=0, atol=1e-6)  # entries about 1 / 64^2 = 2.4e-4
+    _, j = SinkhornCoupler().indices(big0, big1, generator=torch.Generator().manual_seed(1))
+    _, j_ref = SinkhornCoupler().indices(x0, x1, generator=torch.Generator().manual_seed(1))
+    assert (j == j_ref).double().mean() > 0.9 and len(set(j.tolist())) > 20
+    # potentials in cost units (about 1e40) exceed float32: refused, and exact in float64
+    with pytest.raises(RuntimeError, match="overflow torch.float32"):
+        SinkhornCoupler().solve(big0, big1)
+    x0, x1 = x0.double(), x1.double()
+    res, res_big = SinkhornCoupler().solve(x0, x1), SinkhornCoupler().solve(1e20 * x0, 1e20 * x1)
+    torch.testing.assert_close(res_big.g / 1e40, res.g, rtol=1e-9, atol=1e-12)
+    assert res_big.epsilon == pytest.approx(1e40 * res.epsilon, rel=1e-12)
+
+
+def test_sinkhorn_raises_instead_of_returning_nan():
+    """Anything still non-finite is an error saying what to change, never a NaN plan with a warning."""
+    x0, x1 = batches((32, 2), seed=2, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="NaN or infinite potentials.*raise epsilon, or pass float64"):
+        SinkhornCoupler(epsilon=1e-40, max_iters=20).plan(x0, x1)
+    with pytest.raises(ValueError, match="below what torch.float32 resolves"):
+        SinkhornCoupler(epsilon=1e-3, relative=False).indices(1e20 * x0, 1e20 * x1)
+
+
 # ---------------------------------------------------------------- independent
 
 
