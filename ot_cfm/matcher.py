@@ -5,21 +5,40 @@ generative models with minibatch optimal transport"), identical to torchcfm's:
 
     x_t = t x1 + (1 - t) x0 + sigma * eps,     u_t = x1 - x0,     eps ~ N(0, I)
 
-A coupler (exact OT, Sinkhorn, independent, semidiscrete) re-pairs (x0, x1) first.
+A coupler (exact OT, Sinkhorn, independent, semidiscrete) re-pairs (x0, x1) first; the matcher takes
+a ``Coupler`` instance or, as torchcfm's ``ot_method`` is written, one of the names in ``COUPLERS``.
 """
 
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 import torch
 
 from ot_cfm.couplers.base import Coupler
+from ot_cfm.couplers.exact import ExactOTCoupler
+from ot_cfm.couplers.independent import IndependentCoupler
+from ot_cfm.couplers.sinkhorn import SinkhornCoupler
 from ot_cfm.validation import check_pair, check_time, expand_like
 
-__all__ = ["FlowSample", "ConditionalFlowMatcher", "OTConditionalFlowMatcher"]
+__all__ = ["FlowSample", "ConditionalFlowMatcher", "OTConditionalFlowMatcher", "COUPLERS"]
+
+#: coupler names the matcher accepts, each built with its defaults (torchcfm's ``ot_method`` spellings)
+COUPLERS = {"exact": ExactOTCoupler, "sinkhorn": SinkhornCoupler, "independent": IndependentCoupler}
+
+
+def _as_coupler(coupler) -> Coupler | None:
+    """None, a Coupler instance, or the default coupler named by a key of ``COUPLERS``; else ValueError."""
+    if coupler is None or isinstance(coupler, Coupler):
+        return coupler
+    if isinstance(coupler, str) and coupler in COUPLERS:
+        return COUPLERS[coupler]()
+    if isinstance(coupler, type) and issubclass(coupler, Coupler):
+        raise ValueError(f"coupler must be an instance, got the class {coupler.__name__}; "
+                         f"pass {coupler.__name__}() instead")
+    raise ValueError(f"coupler must be None, a Coupler instance (e.g. ExactOTCoupler()) or one of the names "
+                     f"{sorted(COUPLERS)}, got {coupler!r} of type {type(coupler).__name__}")
 
 
 @dataclass(frozen=True)
@@ -40,15 +59,16 @@ class ConditionalFlowMatcher:
     """Draws (t, x_t, u_t) from a coupled batch and computes the flow-matching loss.
 
     Args:
-        coupler: re-pairs (x0, x1) before interpolation; None keeps the given pairing
-            (independent CFM when x0 and x1 are independent draws).
+        coupler: re-pairs (x0, x1) before interpolation: a ``Coupler`` instance, or "exact",
+            "sinkhorn", "independent" for that coupler with its defaults; None keeps the given
+            pairing (independent CFM when x0 and x1 are independent draws).
         sigma: standard deviation of the Gaussian smoothing of the path (0 = deterministic).
     """
 
     def __init__(self, coupler: Coupler | None = None, sigma: float = 0.0):
         if not math.isfinite(sigma) or sigma < 0:
             raise ValueError(f"sigma must be finite and >= 0, got {sigma}")
-        self.coupler = coupler
+        self.coupler = _as_coupler(coupler)
         self.sigma = float(sigma)
 
     def __repr__(self) -> str:
@@ -109,6 +129,4 @@ class OTConditionalFlowMatcher(ConditionalFlowMatcher):
     """The matcher with the exact minibatch OT coupler (OT-CFM)."""
 
     def __init__(self, sigma: float = 0.0, backend: str = "auto"):
-        from ot_cfm.couplers.exact import ExactOTCoupler
-
         super().__init__(coupler=ExactOTCoupler(backend=backend), sigma=sigma)

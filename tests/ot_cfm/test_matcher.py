@@ -3,7 +3,10 @@ import pytest
 import torch
 from torchcfm.conditional_flow_matching import ConditionalFlowMatcher as TorchCFMMatcher
 
-from ot_cfm.matcher import ConditionalFlowMatcher, OTConditionalFlowMatcher
+from ot_cfm.couplers.exact import ExactOTCoupler
+from ot_cfm.couplers.independent import IndependentCoupler
+from ot_cfm.couplers.sinkhorn import SinkhornCoupler
+from ot_cfm.matcher import COUPLERS, ConditionalFlowMatcher, OTConditionalFlowMatcher
 
 
 @pytest.mark.parametrize("sigma", [0.0, 0.3])
@@ -114,3 +117,28 @@ def test_ot_matcher_pairs_by_the_exact_optimal_permutation():
     weights = torch.full((64,), 1 / 64, dtype=torch.float64).numpy()
     optimum = ot.emd2(weights, weights, ot.dist(x0.numpy(), x1.numpy()), numItermax=10**7)
     assert abs(float(ut.square().sum(1).mean()) - optimum) < 1e-10 * optimum
+
+
+@pytest.mark.parametrize("name, kind", [("exact", ExactOTCoupler), ("sinkhorn", SinkhornCoupler),
+                                        ("independent", IndependentCoupler)])
+def test_coupler_named_as_torchcfm_users_write_it(name, kind):
+    """coupler="exact" (torchcfm's ot_method spelling) builds that coupler with its defaults; the
+    exact one pairs like ExactOTCoupler() itself."""
+    m = ConditionalFlowMatcher(coupler=name)
+    assert type(m.coupler) is kind and set(COUPLERS) == {"exact", "sinkhorn", "independent"}
+    g = torch.Generator().manual_seed(2)
+    x0, x1 = torch.randn(16, 2, generator=g), torch.randn(16, 2, generator=g) + 2
+    s = m.sample(x0, x1, t=0.0, generator=torch.Generator().manual_seed(0))
+    if name == "exact":
+        torch.testing.assert_close(s.x1, ExactOTCoupler().pair(x0, x1)[1], rtol=0, atol=0)
+    assert sorted_rows(s.x0) == sorted_rows(x0)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ("Exact", r"one of the names \['exact', 'independent', 'sinkhorn'\], got 'Exact'"),
+    (ExactOTCoupler, r"got the class ExactOTCoupler; pass ExactOTCoupler\(\) instead"),
+    (lambda x0, x1: (x0, x1), "a Coupler instance"),
+])
+def test_anything_else_as_coupler_is_refused_naming_what_is_accepted(bad, match):
+    with pytest.raises(ValueError, match=match):
+        ConditionalFlowMatcher(coupler=bad)
