@@ -12,12 +12,13 @@ the exact OT solve (POT, scipy) is CPU work of its own, which workers take off t
 
 from __future__ import annotations
 
-import os
 import signal
 from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from ot_cfm.parallelism import available_cores
 
 __all__ = ["DATA_STREAM", "batch_generator", "CoupledBatches", "coupled_batch_stream"]
 
@@ -76,12 +77,14 @@ def _from_bytes(parts: list) -> tuple[torch.Tensor, ...]:
     return tuple(torch.from_numpy(data).view(dtype).reshape(shape) for dtype, shape, data in parts)
 
 
-def coupled_batch_stream(batches: CoupledBatches, steps: range, *, workers: int = 0, prefetch: int = 2):
+def coupled_batch_stream(batches: CoupledBatches, steps: range, *, workers: int = 0, prefetch: int = 2,
+                         limit_threads: bool = True):
     """A generator of ``batches[k]`` for k in ``steps``, in order (``close()`` it to stop early).
 
     ``workers`` = 0 computes each batch in this process when it is asked for; ``workers`` > 0 computes them in
     that many worker processes (on the CPU), up to ``prefetch`` batches per worker ahead of the consumer,
-    and, until the stream ends or is closed, limits this process's torch threads to the cores the workers leave.
+    and, with ``limit_threads`` and until the stream ends or is closed, limits this process's torch threads to
+    the cores the workers leave (``Trainer`` sets its threads itself and passes False).
     """
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
@@ -92,18 +95,15 @@ def coupled_batch_stream(batches: CoupledBatches, steps: range, *, workers: int 
                          f"not {batches.device}")
     loader = DataLoader(batches, batch_size=None, sampler=steps, num_workers=workers, prefetch_factor=prefetch,
                         collate_fn=_to_bytes, worker_init_fn=_ignore_sigint)
-    return _closing_iteration(loader)
+    return _closing_iteration(loader, limit_threads)
 
 
-def _available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def _closing_iteration(loader: DataLoader):
+def _closing_iteration(loader: DataLoader, limit_threads: bool):
     # While the workers run, this process's torch keeps to the cores they leave (at least one): with two
     # intra-op threads beside two workers on 2 cores, a toy step (B = 256) took 1.8x as long as with one.
     previous = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(previous, _available_cores() - loader.num_workers)))
+    if limit_threads:
+        torch.set_num_threads(max(1, min(previous, available_cores() - loader.num_workers)))
     iterator = iter(loader)
     try:
         for parts in iterator:

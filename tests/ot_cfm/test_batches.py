@@ -9,6 +9,7 @@ from ot_cfm.batches import CoupledBatches, batch_generator, coupled_batch_stream
 from ot_cfm.couplers.exact import ExactOTCoupler
 from ot_cfm.data import toy_sampler
 from ot_cfm.matcher import ConditionalFlowMatcher
+from ot_cfm.parallelism import available_cores
 
 
 def exact_batches(seed=0, size=64):
@@ -61,15 +62,26 @@ def test_any_dtype_and_layout_crosses_from_workers_unchanged():
 
 
 def test_workers_get_their_cores_while_the_stream_runs():
-    from ot_cfm.batches import _available_cores
     before = torch.get_num_threads()
     torch.set_num_threads(4)
     try:
         stream = coupled_batch_stream(exact_batches(), range(4), workers=1)
         next(stream)
-        assert torch.get_num_threads() == max(1, min(4, _available_cores() - 1))
+        assert torch.get_num_threads() == max(1, min(4, available_cores() - 1))
         stream.close()
         assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_stream_leaves_threads_alone_when_its_caller_sets_them():
+    before = torch.get_num_threads()
+    torch.set_num_threads(available_cores() + 3)  # more than the workers leave
+    try:
+        stream = coupled_batch_stream(exact_batches(), range(4), workers=1, limit_threads=False)
+        next(stream)
+        assert torch.get_num_threads() == available_cores() + 3
+        stream.close()
     finally:
         torch.set_num_threads(before)
 
