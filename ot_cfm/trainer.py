@@ -5,6 +5,8 @@ Batch k (data draws and a stochastic coupler's draws) is a pure function of (see
 (``ot_cfm.batches``), and t and eps come from a torch.Generator saved in every checkpoint, so a
 resumed run ends with the same weights as an uninterrupted one. With ``workers`` > 0 the batches are
 drawn and coupled in worker processes ahead of the model step, with the same result on the CPU.
+Checkpoints load without running code from the file (``ot_cfm.checkpoint``), and an output folder
+belongs to one live run at a time (``ot_cfm.run_folder``).
 """
 
 from __future__ import annotations
@@ -26,16 +28,19 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from ot_cfm.atomic import atomic_write
 from ot_cfm.batches import DATA_STREAM, CoupledBatches, coupled_batch_stream
+from ot_cfm.checkpoint import check_storable, read_checkpoint, write_checkpoint
 from ot_cfm.matcher import ConditionalFlowMatcher
+from ot_cfm.parallelism import auto_threads, auto_workers, torch_threads
+from ot_cfm.run_folder import claim_run_folder
 
 __all__ = ["TrainConfig", "TrainResult", "Trainer", "CHECKPOINT_NAME", "METRICS_NAME"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 # Fields that may change between a run and its resumption without changing the trained weights.
-_RESUMABLE_FIELDS = ("steps", "out_dir", "progress", "eval_every", "checkpoint_every", "log_every", "workers")
+_RESUMABLE_FIELDS = ("steps", "out_dir", "progress", "eval_every", "checkpoint_every", "log_every", "workers",
+                     "threads")
 
 
 @dataclass(frozen=True)
@@ -45,9 +50,19 @@ class TrainConfig:
     lr follows a linear warm-up over ``warmup_steps`` then ``schedule`` ("constant" or "cosine" to 0 at
     ``steps``). ``grad_clip`` > 0 clips the global gradient norm; ``ema_decay`` > 0 keeps an exponential
     moving average of the weights (used for evaluation and sampling). Checkpoints and the metrics log
-    go to ``out_dir`` (none when None). ``workers`` > 0 draws and couples batches in that many worker
-    processes while the model trains (worth it when the coupling is CPU work, like the exact solvers;
-    the samplers must then draw on the CPU, and be picklable where processes start by spawning).
+    go to ``out_dir`` (none when None); a run holds ``out_dir`` while it trains, and a second live run
+    into it is refused.
+
+    ``workers`` > 0 draws and couples batches in that many worker processes while the model trains (worth
+    it when the coupling is CPU work, like the exact solvers; the samplers must then draw on the CPU, and be
+    picklable where processes start by spawning). ``"auto"`` (default) picks
+    ``ot_cfm.parallelism.auto_workers``: for the exact coupler, min(max(2, cores - 1), cores, 8) on two or
+    more cores, else 0. The weights do not depend on it.
+
+    ``threads`` sets torch's intra-op threads during ``fit`` (restored afterwards); None (default) picks
+    ``ot_cfm.parallelism.auto_threads``: 1 for a small model on the CPU (parameters x batch_size < 2^26),
+    else the cores the workers leave, never more than torch's current setting. What was chosen is in
+    ``TrainResult.workers`` and ``TrainResult.threads`` and in the progress bar.
     """
 
     steps: int = 5000
@@ -63,11 +78,14 @@ class TrainConfig:
     checkpoint_every: int = 1000
     out_dir: str | None = None
     progress: bool = True
-    workers: int = 0
+    workers: int | str = "auto"
+    threads: int | None = None
 
     def __post_init__(self):
-        if self.workers < 0:
-            raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if self.workers != "auto" and not (isinstance(self.workers, int) and self.workers >= 0):
+            raise ValueError(f"workers must be 'auto' or an integer >= 0, got {self.workers!r}")
+        if self.threads is not None and not (isinstance(self.threads, int) and self.threads >= 1):
+            raise ValueError(f"threads must be None (automatic) or an integer >= 1, got {self.threads!r}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"steps and batch_size must be positive, got {self.steps} and {self.batch_size}")
         if self.schedule not in ("constant", "cosine"):
@@ -83,12 +101,27 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What a finished ``fit`` reports: final step, last logged loss, wall time of this call, metrics rows."""
+    """What ``fit`` reports.
+
+    ``step``: the run's final step; ``start_step``: where this call began (the checkpoint's step on
+    resume; equal to ``step`` when the resumed run had already finished, and then nothing was trained);
+    ``loss``: the last logged loss of the run (NaN when none was ever logged); ``seconds``: wall time of this
+    call; ``history``: the metrics rows logged by this call; ``workers`` and ``threads``: the worker
+    processes and torch threads this call trained with.
+    """
 
     step: int
     loss: float
     seconds: float
     history: list
+    start_step: int
+    workers: int
+    threads: int
+
+    @property
+    def steps_trained(self) -> int:
+        """Optimisation steps taken by this call (0 when a finished run was resumed)."""
+        return self.step - self.start_step
 
 
 class Trainer:
@@ -101,8 +134,9 @@ class Trainer:
         config: TrainConfig.
         evaluate: optional ``evaluate(model, step) -> dict`` of floats, called every ``eval_every`` steps
             and at the end on the EMA weights when EMA is on; its values enter the metrics log.
-        metadata: JSON-able facts stored in checkpoints (for example how to rebuild the model, the names of
-            the samplers); part of the fingerprint that a checkpoint must match to resume.
+        metadata: facts stored in checkpoints (for example how to rebuild the model, the names of the
+            samplers), made of strings, numbers, booleans, None, lists and dicts; part of the fingerprint that a
+            checkpoint must match to resume.
     """
 
     def __init__(self, model: nn.Module, matcher: ConditionalFlowMatcher, source: Callable, target: Callable,
@@ -110,6 +144,7 @@ class Trainer:
                  metadata: dict | None = None):
         self.model, self.matcher, self.source, self.target = model, matcher, source, target
         self.config, self.evaluate, self.metadata = config, evaluate, dict(metadata or {})
+        check_storable(self.metadata, "metadata")  # refused now, not at the first checkpoint
         self.device = next(model.parameters()).device
         self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
@@ -117,6 +152,7 @@ class Trainer:
                     if config.ema_decay > 0 else None)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed + 1)
         self.step = 0
+        self.last_loss = float("nan")  # the last logged loss, kept in checkpoints
         self.out_dir = Path(config.out_dir) if config.out_dir else None
 
     @property
@@ -163,22 +199,42 @@ class Trainer:
     def fit(self, *, resume: bool = False) -> TrainResult:
         """Train up to ``config.steps``; with ``resume`` continue from the checkpoint in ``out_dir`` if there is one.
 
+        With ``out_dir``, the folder is created, checked to be writable and held for this run before the first
+        step (RunFolderInUseError if another live run holds it), and temporary files of checkpoints whose
+        writer was killed are deleted. A resumed run that had already reached ``config.steps`` trains nothing
+        and says so (``TrainResult.steps_trained`` = 0).
+
         Ctrl-C (SIGINT, in the main thread) is honoured at the next step boundary: the checkpoint is
         written first, then KeyboardInterrupt propagates, so an interrupted run loses nothing.
         """
+        if resume and self.out_dir is None:
+            raise ValueError("resume needs config.out_dir, where the checkpoint lives")
+        with contextlib.ExitStack() as held:
+            if self.out_dir is not None:
+                held.enter_context(claim_run_folder(self.out_dir, outputs=(CHECKPOINT_NAME,)))
+                if resume and (self.out_dir / CHECKPOINT_NAME).exists():
+                    self.load_checkpoint(self.out_dir / CHECKPOINT_NAME)
+                self._truncate_log()
+            if self.step >= self.config.steps:
+                return TrainResult(step=self.step, loss=self.last_loss, seconds=0.0, history=[],
+                                   start_step=self.step, workers=0, threads=torch.get_num_threads())
+            workers, threads = self._parallelism()
+            with torch_threads(threads):
+                return self._train(workers, threads)
+
+    def _parallelism(self) -> tuple[int, int]:
         c = self.config
-        if resume:
-            if self.out_dir is None:
-                raise ValueError("resume needs config.out_dir, where the checkpoint lives")
-            if (self.out_dir / CHECKPOINT_NAME).exists():
-                self.load_checkpoint(self.out_dir / CHECKPOINT_NAME)
-        if self.out_dir is not None:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            self._truncate_log()
-        start, history, losses = time.perf_counter(), [], []
-        bar = tqdm(total=c.steps, initial=self.step, disable=not c.progress, desc="train", dynamic_ncols=True)
-        batches = coupled_batch_stream(self.batches("cpu" if c.workers else None), range(self.step, c.steps),
-                                       workers=c.workers)
+        workers = auto_workers(self.matcher.coupler, self.batches("cpu"))[0] if c.workers == "auto" else c.workers
+        threads = c.threads if c.threads is not None else auto_threads(self.model, c.batch_size, workers)
+        return workers, threads
+
+    def _train(self, workers: int, threads: int) -> TrainResult:
+        c = self.config
+        start, start_step, history, losses = time.perf_counter(), self.step, [], []
+        bar = tqdm(total=c.steps, initial=self.step, disable=not c.progress, dynamic_ncols=True,
+                   desc=f"train ({workers} worker{'s' * (workers != 1)}, {threads} thread{'s' * (threads != 1)})")
+        batches = coupled_batch_stream(self.batches("cpu" if workers else None), range(self.step, c.steps),
+                                       workers=workers, limit_threads=False)
         with _interrupts_at_step_boundaries() as interrupted, contextlib.closing(bar), contextlib.closing(batches):
             for batch in batches:
                 losses.append(self.train_step(batch))
@@ -187,7 +243,7 @@ class Trainer:
                 if self.step % c.log_every == 0 or self.step == c.steps:
                     row.update(step=self.step, loss=sum(losses) / len(losses), lr=self.scheduler.get_last_lr()[0])
                     bar.set_postfix(loss=f"{row['loss']:.4f}")
-                    losses = []
+                    self.last_loss, losses = row["loss"], []
                 if self.evaluate is not None and ((c.eval_every and self.step % c.eval_every == 0) or self.step == c.steps):
                     row.update(step=self.step, **self._evaluate())
                 if row:
@@ -198,8 +254,8 @@ class Trainer:
                     self.save_checkpoint(self.out_dir / CHECKPOINT_NAME)
                 if stop:
                     raise KeyboardInterrupt(f"training interrupted at step {self.step}; checkpoint saved")
-        last = next((r["loss"] for r in reversed(history) if "loss" in r), float("nan"))
-        return TrainResult(step=self.step, loss=last, seconds=time.perf_counter() - start, history=history)
+        return TrainResult(step=self.step, loss=self.last_loss, seconds=time.perf_counter() - start, history=history,
+                           start_step=start_step, workers=workers, threads=threads)
 
     def _evaluate(self) -> dict:
         model = self.sampling_model
@@ -213,14 +269,16 @@ class Trainer:
     def _log(self, row: dict) -> None:
         if self.out_dir is not None:
             with open(self.out_dir / METRICS_NAME, "a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(_json_line(row))
 
     def _truncate_log(self) -> None:
-        """Drop log rows written after the checkpoint we resume from (or all rows on a fresh start)."""
+        """Drop log rows written after the checkpoint we resume from (or all rows on a fresh start), and a
+        last row cut short by a killed run."""
         path = self.out_dir / METRICS_NAME
         if path.exists():
-            rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
-            path.write_text("".join(r + "\n" for r in rows))
+            rows = [row for row in map(_parse_row, path.read_text().splitlines())
+                    if row is not None and row.get("step", math.inf) <= self.step]
+            path.write_text("".join(map(_json_line, rows)))
 
     def _fingerprint(self) -> dict:
         """What decides the trained weights besides the checkpointed state; a checkpoint must match it to resume.
@@ -236,17 +294,18 @@ class Trainer:
                 "data_stream": DATA_STREAM, "matcher": repr(self.matcher), "metadata": self.metadata}
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
-        """Write everything needed to resume, atomically (temporary file in the same folder, then rename)."""
-        path = Path(path)
+        """Write everything needed to resume, atomically (``ot_cfm.checkpoint.write_checkpoint``)."""
         state = {"step": self.step, "fingerprint": self._fingerprint(), "metadata": self.metadata,
                  "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
-                 "generator": self.generator.get_state()}
-        atomic_write(path, lambda f: torch.save(state, f), binary=True)
+                 "generator": self.generator.get_state(), "loss": self.last_loss}
+        write_checkpoint(path, state)
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
-        """Restore a checkpoint written by ``save_checkpoint``; raise ValueError if it comes from another configuration."""
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        """Restore a checkpoint written by ``save_checkpoint``; raise ValueError if it comes from another
+        configuration, ``ot_cfm.checkpoint.CheckpointError`` (a ValueError) if it is not a safe, complete
+        checkpoint (nothing in the file is executed)."""
+        state = read_checkpoint(path)
         theirs, ours = state.get("fingerprint", {}), self._fingerprint()
         diffs = [f"{key}: checkpoint {_short(theirs.get(key))} vs now {_short(ours[key])}" for key in ours
                  if key != "config" and theirs.get(key) != ours[key]]
@@ -262,7 +321,22 @@ class Trainer:
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         self.generator.set_state(state["generator"])
+        self.last_loss = float(state.get("loss", float("nan")))  # absent from checkpoints of earlier versions
         self.step = state["step"]
+
+
+def _json_line(row: dict) -> str:
+    # strict JSON (no NaN or Infinity tokens): a non-finite value, from an evaluation, is written as null
+    finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+    return json.dumps(finite, allow_nan=False) + "\n"
+
+
+def _parse_row(line: str) -> dict | None:
+    try:
+        row = json.loads(line)
+    except ValueError:  # a row cut short when its run was killed
+        return None
+    return row if isinstance(row, dict) else None
 
 
 def _short(value, limit: int = 200) -> str:

@@ -144,7 +144,7 @@ def test_evaluation_runs_on_ema_weights_and_is_logged(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [dict(steps=0), dict(schedule="linear"), dict(ema_decay=1.0), dict(lr=-1.0),
-                                 dict(workers=-1)])
+                                 dict(workers=-1), dict(workers="many"), dict(threads=0), dict(threads="auto")])
 def test_bad_config_raises(bad):
     with pytest.raises(ValueError):
         TrainConfig(**bad)
@@ -163,7 +163,7 @@ def exact_trainer(folder, **overrides):
 
 
 def test_worker_processes_train_the_same_weights(tmp_path):
-    in_process = exact_trainer(tmp_path / "a")
+    in_process = exact_trainer(tmp_path / "a", workers=0)
     in_process.fit()
     with_workers = exact_trainer(tmp_path / "b", workers=2)
     with_workers.fit()
@@ -182,6 +182,7 @@ def test_sigint_with_workers_checkpoints_and_resumes_exactly(tmp_path):
                 os.kill(pid, signal.SIGINT)
         return {}
     cut = exact_trainer(tmp_path / "cut", workers=2, eval_every=4)
+    assert full.config.workers == "auto"  # the default; the weights do not depend on the choice
     cut.evaluate = interrupt_at_4
     with pytest.raises(KeyboardInterrupt, match="step 4"):
         cut.fit()
@@ -206,3 +207,63 @@ def test_learning_rate_follows_warmup_then_cosine():
         used.append(constant.optimizer.param_groups[0]["lr"])
         constant.train_step()
     assert used == pytest.approx([0.005, 0.01, 0.01, 0.01], rel=1e-12)
+
+
+def test_resuming_a_finished_run_trains_nothing_and_says_so(tmp_path):
+    trained = make_trainer(tmp_path)
+    first = trained.fit()
+    again = make_trainer(tmp_path)
+    result = again.fit(resume=True)
+    assert result.step == 12 and result.start_step == 12 and result.steps_trained == 0 and result.history == []
+    assert result.loss == first.loss and math.isfinite(result.loss)  # the run's last loss, from the checkpoint
+    torch.testing.assert_close(weights(again), weights(trained), rtol=0, atol=0)
+    steps = [json.loads(line)["step"] for line in (tmp_path / METRICS_NAME).read_text().splitlines()]
+    assert steps == [2, 4, 6, 8, 10, 12]  # the log is kept, not truncated or extended
+
+
+def test_log_row_cut_short_by_a_killed_run_is_dropped_on_resume(tmp_path):
+    make_trainer(tmp_path, steps=6, schedule="constant").fit()
+    with open(tmp_path / METRICS_NAME, "a") as f:
+        f.write('{"step": 7, "lo')  # the append a kill interrupted
+    result = make_trainer(tmp_path, steps=8, schedule="constant").fit(resume=True)
+    assert result.steps_trained == 2
+    steps = [json.loads(line)["step"] for line in (tmp_path / METRICS_NAME).read_text().splitlines()]
+    assert steps == [2, 4, 6, 8]
+
+
+def test_metrics_log_is_strict_json(tmp_path):
+    trainer = make_trainer(tmp_path, steps=4, eval_every=2)
+    trainer.evaluate = lambda model, step: {"w2": float("nan") if step == 2 else 0.5}
+    trainer.fit()
+    rows = [json.loads(line, parse_constant=lambda token: pytest.fail(f"{token} in the log"))
+            for line in (tmp_path / METRICS_NAME).read_text().splitlines()]
+    assert [r.get("w2", "absent") for r in rows] == [None, 0.5]
+
+
+def test_threads_are_set_during_fit_restored_after_and_reported(tmp_path):
+    seen = []
+
+    def evaluate(model, step):
+        seen.append(torch.get_num_threads())
+        return {}
+    before = torch.get_num_threads()
+    trainer = make_trainer(tmp_path, steps=4, eval_every=2, threads=before + 1)
+    trainer.evaluate = evaluate
+    result = trainer.fit()
+    assert seen == [before + 1, before + 1] and result.threads == before + 1
+    assert torch.get_num_threads() == before
+    # automatic: one thread for this small model, whatever torch was set to
+    torch.set_num_threads(2)
+    try:
+        trainer = make_trainer(tmp_path / "auto", steps=4, eval_every=2)
+        trainer.evaluate = evaluate
+        assert trainer.fit().threads == 1 and seen[-1] == 1 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_automatic_workers_follow_the_coupler(tmp_path):
+    from ot_cfm.parallelism import available_cores
+    assert make_trainer(tmp_path / "independent", steps=2).fit().workers == 0
+    exact = exact_trainer(tmp_path / "exact", steps=2).fit()
+    assert exact.workers == (min(max(2, available_cores() - 1), available_cores(), 8) if available_cores() >= 2 else 0)
