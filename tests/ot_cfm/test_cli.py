@@ -46,3 +46,54 @@ def test_resume_with_other_configuration_is_a_clear_error(tmp_path, capsys):
 def test_console_script_is_installed():
     done = subprocess.run([sys.executable, "-m", "ot_cfm.cli", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "train" in done.stdout
+
+
+def strict_json(path):
+    return json.loads(path.read_text(), parse_constant=lambda token: pytest.fail(f"{token} in {path}"))
+
+
+SMALL = ["--steps", "10", "--batch-size", "32", "--width", "16", "--eval-samples", "100", "--no-progress"]
+
+
+def test_resuming_a_finished_run_says_so_and_keeps_its_metrics(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, "--out", str(out)]) == 0
+    metrics = (out / "metrics.json").read_text()
+    first = strict_json(out / "metrics.json")
+    assert first["steps_this_call"] == 10 and first["final_loss"] > 0
+    capsys.readouterr()
+    assert main(["train", *SMALL, "--out", str(out), "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert f"the run in {out} had already finished at step 10" in printed and "trained" not in printed
+    assert (out / "metrics.json").read_text() == metrics
+
+
+def test_finished_run_without_valid_metrics_is_evaluated_again(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, "--out", str(out)]) == 0
+    first = strict_json(out / "metrics.json")
+    (out / "metrics.json").write_text('{"final_loss": NaN}\n')  # as earlier versions wrote on resume
+    assert main(["train", *SMALL, "--out", str(out), "--resume"]) == 0
+    again = strict_json(out / "metrics.json")
+    assert again["final_loss"] == first["final_loss"] and again["steps"] == 10 and again["steps_this_call"] == 0
+    assert again["w2/dopri5"] == first["w2/dopri5"]  # the same evaluation draws
+    assert "already finished" in capsys.readouterr().out
+
+
+def test_cpu_parallelism_is_automatic_by_default():
+    from ot_cfm.cli import build_parser
+    args = build_parser().parse_args(["train"])
+    assert args.workers == "auto" and args.threads is None
+    args = build_parser().parse_args(["train", "--workers", "3", "--threads", "2"])
+    assert args.workers == 3 and args.threads == 2
+    for bad in (["--workers", "-1"], ["--workers", "some"], ["--threads", "0"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["train", *bad])
+
+
+def test_train_reports_the_parallelism_it_chose(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, "--coupler", "independent", "--out", str(out)]) == 0
+    assert "with 0 workers and 1 torch thread;" in capsys.readouterr().out
+    metrics = strict_json(out / "metrics.json")
+    assert metrics["workers"] == 0 and metrics["threads"] == 1
