@@ -191,7 +191,8 @@ def workers_timing(task: str, seed: int, args) -> dict:
     def trainer_block(workers):
         def run(tick):
             torch.manual_seed(seed)
-            config = TrainConfig(steps=steps, batch_size=batch, lr=lr, seed=seed, progress=False, workers=workers)
+            config = TrainConfig(steps=steps, batch_size=batch, lr=lr, seed=seed, progress=False, workers=workers,
+                                 threads=args.threads)
             trainer = Trainer(MLP(2), ConditionalFlowMatcher(ExactOTCoupler()), source, target, config)
             inner = trainer.train_step
             trainer.train_step = lambda b=None: (inner(b), tick())[0]

@@ -115,7 +115,8 @@ def train(method: str, potential, points, masses, seed: int, args):
     coupler = SemidiscreteCoupler(potential) if method == "semidiscrete" else ExactOTCoupler()
     target = WeightedSampler(points, masses) if method == "minibatch-cells" else TensorSampler(points)
     torch.manual_seed(seed)  # model initialisation only: the same initial weights for both couplers
-    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=seed, progress=False)
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=seed, progress=False,
+                         threads=args.train_threads)
     trainer = Trainer(MLP(2), ConditionalFlowMatcher(coupler), gaussian_sampler((2,)), target, config)
     result = trainer.fit()
     return trainer.sampling_model.eval(), result.seconds

@@ -62,7 +62,7 @@ def learned_report(manifold: ProductManifold, cfg: dict, seed: int) -> tuple[Hyp
                       lambda n, g: torch.randn(n, manifold.ambient_dim, generator=g),
                       lambda n, g: manifold.sample(n, g),
                       TrainConfig(steps=cfg["steps"], batch_size=cfg["batch"], lr=1e-3, schedule="cosine",
-                                  seed=seed, progress=False))
+                                  seed=seed, progress=False, threads=torch.get_num_threads()))
     result = trainer.fit()
     field = model.eval().double()
     report = measure_hyperbolicity(field, manifold, cfg["times"], n=cfg["n"],

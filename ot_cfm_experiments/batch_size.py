@@ -231,7 +231,8 @@ def _measure_trained(cell: Cell, target: Target, config: ExperimentConfig) -> di
     _init_mlp(model, generator)
     seed = int(torch.randint(0, 2 ** 31, (1,), generator=generator))
     train = TrainConfig(steps=config.train_steps, batch_size=cell.batch_size, lr=config.train_lr, seed=seed,
-                        log_every=config.train_steps, checkpoint_every=config.train_steps, progress=False)
+                        log_every=config.train_steps, checkpoint_every=config.train_steps, progress=False,
+                        workers=0)  # hundreds of 200-step fits: worker start-up would cost more than it hides
     trainer = Trainer(model, ConditionalFlowMatcher(ExactOTCoupler(), sigma=0.0), gaussian_sampler((target.dim,)),
                       target.sample, train)
     result = trainer.fit()
