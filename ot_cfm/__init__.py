@@ -4,10 +4,11 @@ Data flow: a coupler re-pairs noise x0 with data x1; the matcher draws t and bui
 u_t; the Trainer fits a model v(t, x); ``sample`` integrates v from noise to data (torchdyn).
 """
 
-from ot_cfm import data, metrics
+from ot_cfm import data, image_data, metrics
 from ot_cfm.couplers import (Coupler, ExactOTCoupler, IndependentCoupler, SemidiscreteCoupler,
                              SinkhornCoupler)
 from ot_cfm.evaluation import SampleQuality, evaluate_samples
+from ot_cfm.image_data import ImageDataset, load_image_dataset
 from ot_cfm.matcher import ConditionalFlowMatcher, FlowSample, OTConditionalFlowMatcher
 from ot_cfm.models import MLP
 from ot_cfm.sampling import SampleResult, sample
@@ -19,5 +20,5 @@ __all__ = [
     "Coupler", "ExactOTCoupler", "SinkhornCoupler", "IndependentCoupler", "SemidiscreteCoupler",
     "ConditionalFlowMatcher", "OTConditionalFlowMatcher", "FlowSample",
     "MLP", "sample", "SampleResult", "Trainer", "TrainConfig", "TrainResult",
-    "SampleQuality", "evaluate_samples", "data", "metrics",
+    "SampleQuality", "evaluate_samples", "ImageDataset", "load_image_dataset", "data", "image_data", "metrics",
 ]

@@ -13,7 +13,8 @@ PROMISED = {
 }
 MODULES = ["ot_cfm", "ot_cfm.couplers", "ot_cfm.matcher", "ot_cfm.sampling", "ot_cfm.trainer", "ot_cfm.metrics",
            "ot_cfm.data", "ot_cfm.models", "ot_cfm.evaluation", "ot_cfm.validation", "ot_cfm.plotting",
-           "proximal", "manifold_tests", "manifold_tests.experiment"]
+           "ot_cfm.image_data", "ot_cfm.checkpoint", "ot_cfm.run_folder", "ot_cfm.parallelism", "ot_cfm.atomic",
+           "ot_cfm.batches", "proximal", "manifold_tests", "manifold_tests.experiment", "ot_cfm_experiments.batch_size"]
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -39,6 +40,6 @@ def test_torchdyn_is_imported_lazily():
     import subprocess
     import sys
 
-    code = "import ot_cfm, proximal, manifold_tests, sys; print('torchdyn' in sys.modules)"
+    code = "import ot_cfm, proximal, manifold_tests, ot_cfm_experiments, sys; print('torchdyn' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr
