@@ -30,9 +30,8 @@ def wasserstein2(a: torch.Tensor, b: torch.Tensor, *, max_iterations: int = 10_0
     ``max_iterations``) or the certificate fails.
     """
     check_pair(a, b, same_batch_size=False, names=("a", "b"))
-    x = a.detach().reshape(a.shape[0], -1).to("cpu", torch.float64)
-    y = b.detach().reshape(b.shape[0], -1).to("cpu", torch.float64)
-    x, y, scale = centre_and_scale(x, y)
+    x, y, scale = centre_and_scale(a.detach().reshape(a.shape[0], -1).cpu(), b.detach().reshape(b.shape[0], -1).cpu(),
+                                   dtype=torch.float64)
     nx, ny = (x * x).sum(1), (y * y).sum(1)
     cost = (nx[:, None] + ny[None, :] - 2.0 * (x @ y.T)).clamp_min_(0.0)
     wa, wb = np.full(len(x), 1.0 / len(x)), np.full(len(y), 1.0 / len(y))

@@ -5,9 +5,10 @@ tensors (i, j) of equal length: the k-th training pair is (x0[i[k]], x1[j[k]]). 
 follow their points. Concrete couplers only implement ``indices`` and ``plan``.
 
 ``centre_and_scale`` is the conditioning step every cost-based coupler runs first: the squared
-Euclidean cost |x0_i - x1_j|^2 does not change when both batches move by one common point, and every
-coupling that depends on the cost only through its order (exact OT) or through cost / epsilon with a
-relative epsilon (Sinkhorn) does not change when both are divided by one common positive number.
+Euclidean cost |x0_i - x1_j|^2 does not change when both batches move by one common point, the exact
+OT plan not even when each batch moves by its own, and every coupling that depends on the cost only
+through its order (exact OT) or through cost / epsilon with a relative epsilon (Sinkhorn) does not
+change when both are divided by one common positive number.
 """
 
 from __future__ import annotations
@@ -34,28 +35,70 @@ def sample_rows(logits: torch.Tensor, generator: torch.Generator | None = None) 
     return torch.argmax(logits.to(torch.float64) + gumbel, dim=1)
 
 
-def centre_and_scale(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(a', b', scale): a (n0, d) and b (n1, d) moved by one common point c and divided by one power of
-    two, ``scale``, so that every entry of a' = (a - c) / scale and b' = (b - c) / scale lies in [-1, 1].
+def _max_abs(x: torch.Tensor) -> float:
+    """max |x| over all entries (0 for an empty tensor), NaN or inf if x holds one; one global min-max."""
+    if x.numel() == 0:
+        return 0.0
+    lo, hi = torch.aminmax(x)
+    return max(-float(lo), float(hi))
 
-    c is the midrange of the union, per coordinate (min + max) / 2, which minimises the largest entry;
-    ``scale`` is the power of two just above the largest |entry - c| (1 when all points coincide), so
-    the division is exact. Pairwise differences, and so |a_i - b_j|^2 / scale^2, are kept to the
-    precision of a and b's dtype: unlike the raw coordinates, whose squares overflow near 1e154
-    (float64) or 1e19 (float32), underflow or fall below absolute solver tolerances near 1e-6, and
-    cancel in |a|^2 + |b|^2 - 2 <a, b> under a common offset (at 1e6 the float64 cost keeps about 4
-    digits of unit-scale differences). Three elementwise passes over the data (min-max, subtraction,
-    exact scaling), in a's dtype and on its device; the inputs are not modified.
+
+def _power_of_two_above(m: float) -> float:
+    """The power of two 2^e with m < 2^e <= 2 m (1 for m = 0), capped at 2^1023, float64's largest."""
+    return math.ldexp(1.0, min(math.frexp(m)[1], 1023)) if m > 0 else 1.0
+
+
+def _centre_copies(a: torch.Tensor, b: torch.Tensor, separately: bool, dtype: torch.dtype,
+                   pre: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Copies of a / pre and b / pre in ``dtype``, centred in place, and their largest |entry|."""
+    a, b = a.to(dtype, copy=True), b.to(dtype, copy=True)
+    if pre != 1.0:
+        a.mul_(1.0 / pre)
+        b.mul_(1.0 / pre)
+    if separately:
+        for x in (a, b):
+            mean = x.mean(0)
+            if _max_abs(mean) > _max_abs(x) / 2:  # an offset beyond the spread: it would cost digits
+                x.sub_(mean)
+    else:
+        centre = (a.sum(0) + b.sum(0)) / (a.shape[0] + b.shape[0])
+        a.sub_(centre)
+        b.sub_(centre)
+    return a, b, max(_max_abs(a), _max_abs(b))
+
+
+def centre_and_scale(a: torch.Tensor, b: torch.Tensor, *, separately: bool = False,
+                     dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(a', b', scale): a (n0, d) and b (n1, d) moved by centres c_a, c_b and divided by one power of
+    two, ``scale``, so that every entry of a' = (a - c_a) / scale and b' = (b - c_b) / scale lies in
+    [-1, 1], at least one beyond 1/2. New tensors in ``dtype`` (a's by default) on a's device; the
+    inputs are not modified.
+
+    By default c_a = c_b = the mean of the union: one common point, which leaves every |a_i - b_j|
+    unchanged. With ``separately``, each batch whose mean exceeds half its largest |entry| is centred
+    on its own mean, and the other is left in place (c = 0: its offset costs at most 2 bits of the
+    cost's precision, while moving a source batch reorders scipy's augmenting paths, measured 10 %
+    slower or faster from one batch to the next): |a_i - b_j|^2 then changes by a term of i, a term of
+    j and a constant (and -<a_i, b_j> by a term of each), so an optimal transport plan for given
+    marginals stays optimal, while the distance between the batches' means leaves the cost. Dividing
+    by a power of two is exact.
+
+    Pairwise differences are kept to the precision of the points: unlike the raw coordinates, whose
+    squares overflow near 1e154 (float64) or 1e19 (float32), fall below absolute solver tolerances
+    near 1e-6, and cancel in |a|^2 + |b|^2 - 2 <a, b> under an offset (at 1e6 the float64 cost keeps
+    about 4 digits of unit-scale differences). Besides the copy into ``dtype``, three to five passes
+    (mean, global min-max, scaling; a subtraction and a second min-max where a batch moves): about
+    2 ms for two 1024 x 784 float64 batches on one core. Where a sum overflows (entries near the dtype's largest value) the points are first
+    divided by a power of two, at the cost of a second round.
     """
-    lo_a, hi_a = torch.aminmax(a, dim=0)
-    lo_b, hi_b = torch.aminmax(b, dim=0)
-    lo, hi = torch.minimum(lo_a, lo_b), torch.maximum(hi_a, hi_b)
-    centre = lo / 2 + hi / 2  # halves first: (lo + hi) overflows for entries near the dtype's maximum
-    half_range = float((hi / 2 - lo / 2).max()) if a.shape[1] else 0.0
-    # half_range < scale <= 2 half_range (capped at 2^1023, the largest power of two in float64)
-    scale = math.ldexp(1.0, min(math.frexp(half_range)[1], 1023)) if half_range > 0 else 1.0
-    # (x - c) rounds once; multiplying by a power of two is exact, so each entry rounds exactly once
-    return (a - centre).mul_(1.0 / scale), (b - centre).mul_(1.0 / scale), scale
+    dtype = dtype or a.dtype
+    a_c, b_c, m = _centre_copies(a, b, separately, dtype, 1.0)
+    scale = 1.0
+    if not math.isfinite(m):  # finite inputs, so a sum or a difference overflowed
+        scale = _power_of_two_above(max(_max_abs(a), _max_abs(b)))
+        a_c, b_c, m = _centre_copies(a, b, separately, dtype, scale)
+    inner = _power_of_two_above(m)
+    return a_c.mul_(1.0 / inner), b_c.mul_(1.0 / inner), scale * inner
 
 
 class Coupler(ABC):

@@ -11,16 +11,18 @@ d = 784), POT's network simplex the full squared distance (1.5x slower on -<x, y
 ``multiscale`` backend (``ot_cfm.couplers.multiscale``) runs POT's network simplex on a sparse
 candidate graph and certifies optimality on the full one; it is the fastest at low dimension.
 
-Exact at every scale. Before any solver the points are centred by one common point (the midrange of
-both batches) and divided by one power of two (``base.centre_and_scale``, in float64 on the input's
-device, O((B0 + B1) d)). The optimum does not move: |x0_i - x1_j|^2 is unchanged by a common
-translation and multiplied by s^2 by a common scaling, for any sizes and weights; in the -<x0_i, x1_j>
-form a translation by c adds <c, x0_i> + <c, x1_j> - |c|^2, a row term plus a column term, whose
-total over any plan with the prescribed marginals is fixed. Without it POT's network simplex, whose
-pivoting compares reduced costs with absolute tolerances, returned plans up to 130 % above the
-optimum on points scaled by 1e-6 (B = 1024, d = 2), and a common offset made every solver's float64
-cost lose the points' differences (1e-6 to 1e-4 above the optimum at 1e6, 20 % to several times it at
-1e8). POT's answers (``"pot"``,
+Exact at every scale. Before any solver each batch is centred on its own mean and both are divided
+by one power of two (``base.centre_and_scale``, in float64 on the input's device, O((B0 + B1) d)).
+The optimum does not move: moving x0 by c0 and x1 by c1 changes |x0_i - x1_j|^2 by
+2 <x0_i, c1 - c0> + 2 <x1_j, c0 - c1> + |c0 - c1|^2 (and -<x0_i, x1_j> by <x0_i, c1> + <c0, x1_j>
+- <c0, c1>): a term of i, a term of j and a constant, whose total over any plan with the prescribed
+marginals is fixed, for any sizes and weights; a common scaling multiplies every cost by s^2. Each
+batch's own centre rather than one common point: a common one adds a column term to -<x0_i, x1_j>
+that made scipy 2.7x to 5x slower at d = 64 to 784, and the distance between the batches' means then
+leaves the cost. Without this step POT's network simplex, whose pivoting compares reduced costs with
+absolute tolerances, returned plans up to 130 % above the optimum on points scaled by 1e-6 (B = 1024,
+d = 2), and a common offset made every solver's float64 cost lose the points' differences (1e-6 to
+1e-4 above the optimum at 1e6, 20 % to several times it at 1e8). POT's answers (``"pot"``,
 ``"multiscale"``) are then certified with their duals on the full cost (``network_simplex.certify``):
 a plan that is not provably within 2e-10 max(max |x0|^2 + max |x1|^2, 1) per unit mass of the
 optimum, on the centred and scaled points, raises RuntimeError instead of being returned. scipy's
@@ -116,9 +118,10 @@ class ExactOTCoupler(Coupler):
             fastest one measured for the batch size and dimension (see ``choose_solver``), POT
             whenever the batch sizes differ or weights are given.
 
-    Every backend solves the centred, scaled batches (exact at any scale and offset that the
-    float64 points resolve); ``"multiscale"`` and ``"pot"`` certify their plan by LP duality and
-    raise RuntimeError rather than return one that is not provably optimal (module docstring).
+    Every backend solves the batches centred (each on its own mean) and scaled by one power of two:
+    exact at any scale and offset that the float64 points resolve. ``"multiscale"`` and ``"pot"``
+    certify their plan by LP duality and raise RuntimeError rather than return one that is not
+    provably optimal (module docstring).
 
     ``indices`` for B0 == B1: a permutation, deterministic (the generator is unused).
     ``indices`` for B0 != B1: every source once (i = 0..B0-1), its target drawn from its row of the
@@ -149,8 +152,7 @@ class ExactOTCoupler(Coupler):
         self.validate(x0, x1)
         w0 = _check_weights(weights0, x0.shape[0], "weights0")
         w1 = _check_weights(weights1, x1.shape[0], "weights1")
-        a = x0.detach().reshape(x0.shape[0], -1).to(torch.float64)
-        b = x1.detach().reshape(x1.shape[0], -1).to(torch.float64)
+        a, b = x0.detach().reshape(x0.shape[0], -1), x1.detach().reshape(x1.shape[0], -1)
         weighted = w0 is not None or w1 is not None
         if weighted and self.backend in _PERMUTATION_SOLVERS:
             raise ValueError(f"backend {self.backend!r} solves uniform assignments only; "
@@ -158,9 +160,9 @@ class ExactOTCoupler(Coupler):
         solver = "pot" if weighted else self.choose_solver(a.shape[0], b.shape[0], a.shape[1])
         if solver == "multiscale":  # it centres, scales and certifies itself
             return solver, multiscale_assignment(a, b)
-        a, b, _ = centre_and_scale(a, b)
+        a, b, _ = centre_and_scale(a, b, separately=True, dtype=torch.float64)
         if solver == "scipy":  # negating a (B0, d) factor, not the (B0, B1) product: exact, one pass less
-            return solver, _solve_on_cpu((-a) @ b.T, solver)[0]
+            return solver, _solve_on_cpu(a.neg_() @ b.T, solver)[0]
         return solver, _certified_network_simplex(a, b, w0, w1)
 
     def indices(self, x0: torch.Tensor, x1: torch.Tensor, *, generator: torch.Generator | None = None,

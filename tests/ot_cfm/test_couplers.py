@@ -117,10 +117,11 @@ def test_network_simplex_raises_on_an_infeasible_sparse_problem():
 
 # ---------------------------------------------------------------- exact at every scale
 
-# (scale, offset): the points are offset + scale * (well-conditioned points). Before centring and
-# scaling, at B = 512, d = 2: POT and multiscale were 0.4 % (1e-6) and 70 to 120 % (1e-8) above the
-# optimum, and a common offset of 1e6 put every backend, scipy included, 1e-6 to 5e-6 above it.
-SCALES_AND_OFFSETS = [(1e-8, 0.0), (1e-6, 0.0), (1e8, 0.0), (1.0, 1e6), (1e-3, 1e3), (1e-2, -1e4)]
+# (scale, offset0, offset1): the points are offset + scale * (well-conditioned points). Before centring
+# and scaling, at B = 512, d = 2: POT and multiscale were 0.4 % (1e-6) and 70 to 120 % (1e-8) above
+# the optimum, and an offset of 1e6 put every backend, scipy included, 1e-6 to 5e-6 above it.
+SCALES_AND_OFFSETS = [(1e-8, 0.0, 0.0), (1e-6, 0.0, 0.0), (1e8, 0.0, 0.0), (1.0, 1e6, 1e6), (1e-3, 1e3, 1e3),
+                      (1e-2, -1e4, -1e4), (1.0, 0.0, 1e6)]
 SCALE_B = 512  # above multiscale's dense base (256): its sparse column generation runs
 
 
@@ -130,13 +131,14 @@ def test_scale_cases_run_multiscales_sparse_path():
 
 
 @pytest.mark.parametrize("backend", EXACT_BACKENDS)
-@pytest.mark.parametrize("scale, offset", SCALES_AND_OFFSETS, ids=str)
-def test_exact_is_optimal_at_every_scale_and_offset(backend, scale, offset):
-    """The permutation found on offset + scale * x is optimal for x itself (the optimal permutation does
-    not change under a common translation and positive scaling): its cost on x, in float64, equals
-    scipy's optimum on x to 1e-9 (the transformed points are x rounded to about 1e-10 relative)."""
+@pytest.mark.parametrize("scale, offset0, offset1", SCALES_AND_OFFSETS, ids=str)
+def test_exact_is_optimal_at_every_scale_and_offset(backend, scale, offset0, offset1):
+    """The permutation found on (offset0 + scale x0, offset1 + scale x1) is optimal for (x0, x1) itself
+    (the optimal permutation does not change when a batch is translated or both are scaled): its cost
+    on x, in float64, equals scipy's optimum on x to 1e-9 (the transformed points are x rounded to
+    about 1e-10 relative)."""
     x0, x1 = batches((SCALE_B, 2), seed=21)
-    i, j = ExactOTCoupler(backend).indices(offset + scale * x0, offset + scale * x1)
+    i, j = ExactOTCoupler(backend).indices(offset0 + scale * x0, offset1 + scale * x1)
     assert torch.equal(torch.sort(j).values, torch.arange(SCALE_B))
     c = sq_cost(x0, x1).numpy()
     r, s = linear_sum_assignment(c)
@@ -161,17 +163,41 @@ def test_exact_unequal_plan_is_optimal_at_every_scale_and_offset(scale, offset, 
     assert float((p * c).sum()) == pytest.approx(expected, rel=1e-9)
 
 
-def test_centre_and_scale_is_one_common_translation_and_power_of_two():
-    x0, x1 = batches((40, 3), b1=30, seed=4, scale=1e-7)
-    x0, x1 = x0 + 5e3, x1 + 5e3
-    a, b, s = centre_and_scale(x0, x1)
+@pytest.mark.parametrize("separately", [False, True])
+def test_centre_and_scale_translates_and_divides_by_a_power_of_two(separately):
+    """One common centre keeps every pairwise distance; separate centres put each offset mean at 0 and
+    change the squared distances by a term of i plus a term of j only. Entries end in [-1, 1], at least one
+    beyond 1/2, and the inputs are untouched."""
+    x0, x1 = batches((40, 3), b1=30, seed=4, scale=1e-3)
+    x0, x1 = x0 + 5.0, x1 - 2.0
+    before = (x0.clone(), x1.clone())
+    a, b, s = centre_and_scale(x0, x1, separately=separately)
     assert math.frexp(s)[0] == 0.5, "a power of two"
     assert 0.5 <= float(torch.cat([a, b]).abs().max()) <= 1.0
-    torch.testing.assert_close(torch.cdist(a, b) * s, torch.cdist(x0 - 5e3, x1 - 5e3), rtol=1e-9, atol=0)
-    assert torch.equal(x0 - x0[:1], x0 - x0[:1]), "inputs untouched"
+    d_scaled = torch.cdist(a, b).pow(2) * s * s
+    d = torch.cdist(x0, x1).pow(2)
+    if separately:
+        torch.testing.assert_close(a.mean(0), torch.zeros(3, dtype=a.dtype), rtol=0, atol=1e-12)
+        torch.testing.assert_close(b.mean(0), torch.zeros(3, dtype=b.dtype), rtol=0, atol=1e-12)
+        diff = d_scaled - d  # a term of i plus a term of j: every 2 x 2 minor's alternating sum is 0
+        minors = diff[1:, 1:] - diff[1:, :1] - diff[:1, 1:] + diff[:1, :1]
+        assert float(minors.abs().max()) < 1e-12 * float(d.max())  # rounding of d (about 49); d_scaled is 2e-5
+        assert float(diff.abs().max()) > 1.0, "the distance between the means (7 in the first coordinate) left"
+    else:
+        torch.testing.assert_close(d_scaled, d, rtol=1e-9, atol=0)
+    assert torch.equal(x0, before[0]) and torch.equal(x1, before[1]), "inputs untouched"
+    if separately:  # a batch whose mean is within half its largest entry stays in place, only scaled
+        x0, x1 = batches((40, 3), b1=30, seed=4)
+        a, b, s = centre_and_scale(x0, x1 + 3.0, separately=True)
+        assert torch.equal(a * s, x0) and float(b.mean(0).abs().max()) < 1e-15
     same = torch.ones(4, 2)
-    a, b, s = centre_and_scale(same, same)
+    a, b, s = centre_and_scale(same, same, separately=separately)
     assert s == 1.0 and not a.any() and not b.any(), "coinciding points: no division by zero"
+    huge = torch.tensor([[1.7e308, -1.7e308], [1e308, 0.0]], dtype=torch.float64)  # sums overflow
+    a, b, s = centre_and_scale(huge, huge.flip(0), separately=separately)
+    assert 0.5 <= float(torch.cat([a, b]).abs().max()) <= 1.0 and math.isfinite(s)
+    tame = huge / 2.0**1000
+    torch.testing.assert_close(a * (s / 2.0**1000), tame - tame.mean(0), rtol=1e-15, atol=0)
 
 
 def test_certificate_accepts_the_optimum_and_rejects_a_wrong_plan():
