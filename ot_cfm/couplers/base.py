@@ -87,9 +87,9 @@ def centre_and_scale(a: torch.Tensor, b: torch.Tensor, *, separately: bool = Fal
     squares overflow near 1e154 (float64) or 1e19 (float32), fall below absolute solver tolerances
     near 1e-6, and cancel in |a|^2 + |b|^2 - 2 <a, b> under an offset (at 1e6 the float64 cost keeps
     about 4 digits of unit-scale differences). Besides the copy into ``dtype``, three to five passes
-    (mean, global min-max, scaling; a subtraction and a second min-max where a batch moves): about
-    2 ms for two 1024 x 784 float64 batches on one core. Where a sum overflows (entries near the dtype's largest value) the points are first
-    divided by a power of two, at the cost of a second round.
+    (mean, global min-max, scaling; a subtraction and a second min-max where a batch moves). Where a
+    sum overflows (entries near the dtype's largest value) the points are first divided by a power of
+    two, at the cost of a second round.
     """
     dtype = dtype or a.dtype
     a_c, b_c, m = _centre_copies(a, b, separately, dtype, 1.0)

@@ -19,12 +19,13 @@ graph and proves optimality on the full one:
    ``neighbours`` most negative arcs of every violating row join the candidates and step 3 repeats (at
    most ``_MAX_ROUNDS`` times, then POT's dense solver, whose answer is certified in the same way).
 
-Everything runs on the batches centred and scaled by ``base.centre_and_scale`` (each on its own mean,
-both divided by one power of two; the optimal permutation does not change): POT's pivoting compares reduced costs with
-absolute tolerances, and on raw points scaled by 1e-8 to 1e-6 it stopped 0.4 to 130 % above the
-optimum (B = 512 and 1024, d = 2), while under a common offset of 1e8 the float64 cost itself loses the
-points' differences (20 % and more above it). The tolerance above is then relative to the data's
-extent. If no certificate can be obtained, RuntimeError: a plan is never returned unproven.
+Everything runs on the batches centred and scaled by ``base.centre_and_scale`` (each on its own mean
+where its offset exceeds its spread, both divided by one power of two; the optimal permutation does
+not change): POT's pivoting compares reduced costs with absolute tolerances, and on raw points scaled
+by 1e-8 to 1e-6 it stopped 0.4 to 130 % above the optimum (B = 512 and 1024, d = 2), while under a
+common offset of 1e8 the float64 cost itself loses the points' differences (20 % and more above it).
+The tolerance above is then relative to the data's extent. If no certificate can be obtained,
+RuntimeError: a plan is never returned unproven.
 
 Reduced costs come from one GEMM of augmented factors, R = [x, |x|^2 - u, 1] @ [-2 y, 1, |y|^2 - v]^T,
 on the input's device; only the candidate arcs cross to the CPU solver. Measured on the couplers
