@@ -8,6 +8,10 @@ appeared: torchcfm draws B pairs with replacement from the plan).
 
     python benchmarks/couplers.py --quick          # smoke run, seconds
     python benchmarks/couplers.py                  # full grid, writes benchmarks/results/couplers.md
+
+``--scale S --offset O`` hands every method the points O + S x (in float64) instead of x and measures
+the cost gaps on x itself (the optimal pairing does not change): at S = 1e-6 or O = 1e6 POT's
+absolute tolerances and the float64 cost's cancellation show up as gaps far above round-off.
 """
 
 from __future__ import annotations
@@ -106,12 +110,21 @@ def interleaved(methods: dict, x0, x1, reps: int, max_seconds: float, seed: int)
     return times, outs, stores
 
 
-def bench_cell(b: int, d: int, reps: int, max_seconds: float, seed: int, with_scipy: bool = True) -> dict:
+def bench_cell(b: int, d: int, reps: int, max_seconds: float, seed: int, with_scipy: bool = True,
+               scale: float = 1.0, offset: float = 0.0) -> dict:
     x0, x1 = make_batch(b, d, seed)
+    if scale != 1.0 or offset != 0.0:  # in float64, which keeps the float32 points' differences
+        given = tuple(offset + scale * x.double() for x in (x0, x1))
+    else:
+        given = (x0, x1)
     methods = {m: f for m, f in METHODS.items() if with_scipy or m != "scipy"}
-    times, outs, stores = interleaved(methods, x0, x1, reps, max_seconds, seed)
+    times, outs, stores = interleaved(methods, *given, reps, max_seconds, seed)
     c = full_cost(x0, x1)
-    pair_cost = {m: float(((o[0].double() - o[1].double()) ** 2).sum(1).mean()) for m, o in outs.items()}
+
+    def back(x):  # the returned points as points of x0, x1 (exact up to the rounding of the offset)
+        return (x.double() - offset) / scale
+
+    pair_cost = {m: float(((back(o[0]) - back(o[1])) ** 2).sum(1).mean()) for m, o in outs.items()}
     opt = min(v for m, v in pair_cost.items() if m != "torchcfm")
     tc = stores["torchcfm"]
     return {
@@ -121,6 +134,7 @@ def bench_cell(b: int, d: int, reps: int, max_seconds: float, seed: int, with_sc
         "tc_gap": (float((tc["pi"] * c).sum()) - opt) / opt,
         "tc_dup": 1.0 - len(np.unique(tc["i"])) / b,
         "ours_gap": (pair_cost["ours"] - opt) / opt,
+        "ref_gaps": {m: (pair_cost[m] - opt) / opt for m in ("pot", "scipy") if m in pair_cost},
     }
 
 
@@ -146,16 +160,19 @@ def crossover_table(rows: list[dict]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], reference_gaps: bool = False) -> str:
+    """The results table; with ``reference_gaps`` (scaled or offset points) POT's and scipy's cost gaps too."""
+    extra = " POT emd cost gap | scipy LSA cost gap |" if reference_gaps else ""
     head = ("| B | d | ours (backend) ms | torchcfm ms | POT emd ms | scipy LSA ms | torchcfm / ours "
-            "| torchcfm cost gap | torchcfm duplicates | ours cost gap | reps (ours, torchcfm, POT, scipy) |\n"
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n")
+            f"| torchcfm cost gap | torchcfm duplicates | ours cost gap |{extra} reps (ours, torchcfm, POT, scipy) |\n"
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * (2 * reference_gaps) + "---|\n")
     lines = []
     for r in rows:
         ms, n = r["ms"], r["n"]
+        ref = "".join(f" {r['ref_gaps'].get(m, float('nan')):.1e} |" for m in ("pot", "scipy")) if reference_gaps else ""
         lines.append(f"| {r['B']} | {r['d']} | {ms['ours']:.1f} ({r['solver']}) | {ms['torchcfm']:.1f} | "
                      f"{ms['pot']:.1f} | {ms['scipy']:.1f} | {ms['torchcfm'] / ms['ours']:.2f}x | "
-                     f"{r['tc_gap']:.1e} | {100 * r['tc_dup']:.1f}% | {r['ours_gap']:.0e} | "
+                     f"{r['tc_gap']:.1e} | {100 * r['tc_dup']:.1f}% | {r['ours_gap']:.0e} |{ref} "
                      f"{n['ours']}, {n['torchcfm']}, {n['pot']}, {n['scipy']} |")
     return head + "\n".join(lines) + "\n"
 
@@ -175,6 +192,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--crossover-batch-sizes", type=int, nargs="*",
                         help="batch sizes of the backend crossover table (default 256 1024; none: skip)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="hand every method offset + scale * x (float64) instead of x; gaps are measured on x")
+    parser.add_argument("--offset", type=float, default=0.0, help="see --scale")
     parser.add_argument("--output", type=Path, help="markdown file for the table (full mode default: "
                         "benchmarks/results/couplers.md; quick mode: none)")
     args = parser.parse_args(argv)
@@ -186,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     command = "python benchmarks/couplers.py " + " ".join(sys.argv[1:] if argv is None else argv)
     header = (f"# Exact minibatch couplers\n\nCommand: `{command.strip()}`  \nDate: {datetime.date.today()}  \n"
               f"torch {torch.__version__}, POT {ot.__version__}, {torch.get_num_threads()} torch threads. "
+              f"{'' if args.scale == 1.0 and args.offset == 0.0 else f'Points {args.offset:g} + {args.scale:g} x. '}"
               "Median wall time per call, tensors in to re-paired tensors out, methods interleaved. "
               "Cost gap: (cost - optimum) / optimum, optimum = the best of ours, POT emd and scipy "
               "(each run with no iteration cap). Duplicates: share of torchcfm's returned pairs whose "
@@ -195,9 +216,10 @@ def main(argv: list[str] | None = None) -> None:
     else:
         cross_b = (128,) if args.quick else CROSS_B
     cross, rows = [], []
+    transformed = args.scale != 1.0 or args.offset != 0.0
 
     def write() -> str:
-        text = header + table(rows)
+        text = header + table(rows, transformed)
         if cross:
             text += ("\n## auto: our backends against each other (same timing rules)\n\n" + crossover_table(cross))
         if output is not None:
@@ -215,8 +237,9 @@ def main(argv: list[str] | None = None) -> None:
             if b >= 4096 and not args.batch_sizes and d not in FULL_4096_D:
                 continue
             reps = 2 if args.quick else FULL_REPS.get(b, 3)
-            rows.append(bench_cell(b, d, reps, args.max_seconds, args.seed, with_scipy=b < args.scipy_below))
-            print(table(rows[-1:]).splitlines()[-1], flush=True)
+            rows.append(bench_cell(b, d, reps, args.max_seconds, args.seed, with_scipy=b < args.scipy_below,
+                                   scale=args.scale, offset=args.offset))
+            print(table(rows[-1:], transformed).splitlines()[-1], flush=True)
             write()
     print(write())
 
