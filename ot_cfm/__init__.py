@@ -11,7 +11,7 @@ from ot_cfm.evaluation import SampleQuality, evaluate_samples
 from ot_cfm.image_data import ImageDataset, load_image_dataset
 from ot_cfm.matcher import ConditionalFlowMatcher, FlowSample, OTConditionalFlowMatcher
 from ot_cfm.models import MLP
-from ot_cfm.sampling import SampleResult, sample
+from ot_cfm.sampling import IntegrationError, SampleResult, sample
 from ot_cfm.trainer import TrainConfig, Trainer, TrainResult
 
 __version__ = "0.1.0"
@@ -19,6 +19,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Coupler", "ExactOTCoupler", "SinkhornCoupler", "IndependentCoupler", "SemidiscreteCoupler",
     "ConditionalFlowMatcher", "OTConditionalFlowMatcher", "FlowSample",
-    "MLP", "sample", "SampleResult", "Trainer", "TrainConfig", "TrainResult",
+    "MLP", "sample", "SampleResult", "IntegrationError", "Trainer", "TrainConfig", "TrainResult",
     "SampleQuality", "evaluate_samples", "ImageDataset", "load_image_dataset", "data", "image_data", "metrics",
 ]

@@ -147,7 +147,8 @@ def cmd_sample(args) -> int:
     g = torch.Generator().manual_seed(args.seed)
     x0 = toy_sampler(meta["source"])(args.n, g)
     steps = None if args.solver in ("dopri5", "tsit5") else args.steps
-    out = sample(model, x0, solver=args.solver, steps=steps, return_trajectory=True)
+    out = sample(model, x0, solver=args.solver, steps=steps, return_trajectory=True,
+                 **({"max_nfe": args.max_nfe} if steps is None else {}))
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"x0": x0, "x1": out.x, "nfe": out.nfe}, path.with_suffix(".pt"))
@@ -223,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--n", type=int, default=2000, help="samples to draw")
     smp.add_argument("--solver", choices=("euler", "midpoint", "rk4", "dopri5", "tsit5"), default="dopri5")
     smp.add_argument("--steps", type=int, default=8, help="steps of fixed-step solvers")
+    smp.add_argument("--max-nfe", type=int, default=10_000,
+                     help="adaptive solvers stop with an error after this many field evaluations")
     smp.add_argument("--seed", type=int, default=0, help="seed of the source draws")
     smp.add_argument("--threads", type=_threads, default="auto", metavar="{auto,N}",
                      help="torch threads (auto: 1 for small models, else all cores)")

@@ -97,3 +97,27 @@ def test_train_reports_the_parallelism_it_chose(tmp_path, capsys):
     assert "with 0 workers and 1 torch thread;" in capsys.readouterr().out
     metrics = strict_json(out / "metrics.json")
     assert metrics["workers"] == 0 and metrics["threads"] == 1
+
+
+def test_sample_from_a_checkpoint_with_a_nan_weight_ends_with_an_error(tmp_path, capsys):
+    from ot_cfm.checkpoint import read_checkpoint, write_checkpoint
+
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, "--out", str(out)]) == 0
+    state = read_checkpoint(out / "checkpoint.pt")
+    first = next(iter(state["model"]))
+    state["model"][first].view(-1)[0] = float("nan")
+    write_checkpoint(out / "checkpoint.pt", state)
+    capsys.readouterr()
+    assert main(["sample", str(out / "checkpoint.pt"), "--n", "50", "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "NaN or inf" in err and "dopri5" in err
+    assert not (tmp_path / "s.pt").exists()
+
+
+def test_sample_max_nfe_is_passed_to_the_adaptive_solver(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["sample", str(out / "checkpoint.pt"), "--n", "50", "--max-nfe", "3", "--out", str(tmp_path / "s")]) == 2
+    assert "max_nfe = 3" in capsys.readouterr().err
