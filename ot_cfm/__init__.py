@@ -10,7 +10,7 @@ from ot_cfm.couplers import (Coupler, ExactOTCoupler, IndependentCoupler, Semidi
 from ot_cfm.evaluation import SampleQuality, evaluate_samples
 from ot_cfm.image_data import ImageDataset, load_image_dataset
 from ot_cfm.matcher import ConditionalFlowMatcher, FlowSample, OTConditionalFlowMatcher
-from ot_cfm.models import MLP
+from ot_cfm.models import MLP, UNet, guided_field, is_conditional, unet_for
 from ot_cfm.sampling import IntegrationError, SampleResult, sample
 from ot_cfm.trainer import TrainConfig, Trainer, TrainResult
 
@@ -19,6 +19,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Coupler", "ExactOTCoupler", "SinkhornCoupler", "IndependentCoupler", "SemidiscreteCoupler",
     "ConditionalFlowMatcher", "OTConditionalFlowMatcher", "FlowSample",
-    "MLP", "sample", "SampleResult", "IntegrationError", "Trainer", "TrainConfig", "TrainResult",
+    "MLP", "UNet", "unet_for", "guided_field", "is_conditional", "sample", "SampleResult", "IntegrationError", "Trainer", "TrainConfig", "TrainResult",
     "SampleQuality", "evaluate_samples", "ImageDataset", "load_image_dataset", "data", "image_data", "metrics",
 ]
