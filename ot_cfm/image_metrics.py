@@ -251,8 +251,8 @@ def _cache_key(images: torch.Tensor, labels: torch.Tensor, num_classes: int, con
     header = {"format": _CACHE_FORMAT, "shape": list(images.shape), "num_classes": num_classes,
               "config": asdict(config)}
     digest.update(json.dumps(header, sort_keys=True).encode())
-    digest.update(images.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    digest.update(labels.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(images.detach().to("cpu", torch.float32).contiguous().numpy())  # the buffer, not a copy
+    digest.update(labels.detach().cpu().contiguous().numpy())
     return digest.hexdigest()
 
 
@@ -379,7 +379,8 @@ def evaluate_images(generated: torch.Tensor, reference: torch.Tensor, classifier
     ref_features, _ = _features_and_predictions(classifier, reference, batch_size)
     counts = torch.bincount(predicted, minlength=classifier.num_classes).cpu()
     shares = counts.double() / counts.sum()
-    entropy = max(float(-(shares[shares > 0] * shares[shares > 0].log()).sum()) / math.log(classifier.num_classes), 0.0)
+    seen = shares[shares > 0]
+    entropy = max(float(-(seen * seen.log()).sum()) / math.log(classifier.num_classes), 0.0)  # no -0.0
     accuracy = None
     if requested_labels is not None:
         accuracy = float((predicted == requested_labels.to(predicted.device)).double().mean())
