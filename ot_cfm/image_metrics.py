@@ -212,6 +212,13 @@ def _check_labels(labels: torch.Tensor, n: int, num_classes: int | None, name: s
                          f"0..{'K-1' if num_classes is None else num_classes - 1}")
 
 
+def _check_training_data(images: torch.Tensor, labels: torch.Tensor, num_classes: int | None) -> int:
+    """Check training images and labels; return the number of classes (default: the largest label + 1)."""
+    _check_images(images, "images")
+    _check_labels(labels, images.shape[0], num_classes, "labels")
+    return int(labels.max()) + 1 if num_classes is None else int(num_classes)
+
+
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, *, num_classes: int | None = None,
                      config: ClassifierConfig = ClassifierConfig()) -> ImageClassifier:
     """Train an ``ImageClassifier`` on images (N, C, H, W) in [-1, 1] and labels (N,), on the images' device.
@@ -220,9 +227,7 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, *, num_classes:
     taken in order from one permutation per epoch; initial weights and permutations come from
     ``config.seed`` only, so the result is a function of the data and the config. Returned in eval mode.
     """
-    _check_images(images, "images")
-    num_classes = int(labels.max()) + 1 if num_classes is None else int(num_classes)
-    _check_labels(labels, images.shape[0], num_classes, "labels")
+    num_classes = _check_training_data(images, labels, num_classes)
     model = ImageClassifier(tuple(images.shape[1:]), num_classes, config, device=images.device)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed + 1)
@@ -261,7 +266,7 @@ def classifier_cache_path(images: torch.Tensor, labels: torch.Tensor, *, num_cla
                           cache_dir: str | os.PathLike | None = None) -> Path:
     """Where ``load_or_train_classifier`` keeps the classifier of this training data and config:
     ``<cache_dir>/classifier-<first 24 hex digits of the SHA-256 of data and settings>.pt``."""
-    num_classes = int(labels.max()) + 1 if num_classes is None else int(num_classes)
+    num_classes = _check_training_data(images, labels, num_classes)
     folder = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
     return folder / f"classifier-{_cache_key(images, labels, num_classes, config)[:24]}.pt"
 
@@ -279,9 +284,7 @@ def load_or_train_classifier(images: torch.Tensor, labels: torch.Tensor, *, num_
     another version) is retrained and overwritten, with a warning naming it. Returned on the images'
     device, in eval mode.
     """
-    _check_images(images, "images")
-    num_classes = int(labels.max()) + 1 if num_classes is None else int(num_classes)
-    _check_labels(labels, images.shape[0], num_classes, "labels")
+    num_classes = _check_training_data(images, labels, num_classes)
     path = classifier_cache_path(images, labels, num_classes=num_classes, config=config, cache_dir=cache_dir)
     key = path.stem.removeprefix("classifier-")
     if path.exists():
