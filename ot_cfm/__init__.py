@@ -4,7 +4,7 @@ Data flow: a coupler re-pairs noise x0 with data x1; the matcher draws t and bui
 u_t; the Trainer fits a model v(t, x); ``sample`` integrates v from noise to data (torchdyn).
 """
 
-from ot_cfm import data, image_data, metrics
+from ot_cfm import data, image_data, image_metrics, metrics
 from ot_cfm.couplers import (Coupler, ExactOTCoupler, IndependentCoupler, SemidiscreteCoupler,
                              SinkhornCoupler)
 from ot_cfm.evaluation import SampleQuality, evaluate_samples
@@ -20,5 +20,5 @@ __all__ = [
     "Coupler", "ExactOTCoupler", "SinkhornCoupler", "IndependentCoupler", "SemidiscreteCoupler",
     "ConditionalFlowMatcher", "OTConditionalFlowMatcher", "FlowSample",
     "MLP", "UNet", "unet_for", "guided_field", "is_conditional", "sample", "SampleResult", "IntegrationError", "Trainer", "TrainConfig", "TrainResult",
-    "SampleQuality", "evaluate_samples", "ImageDataset", "load_image_dataset", "data", "image_data", "metrics",
+    "SampleQuality", "evaluate_samples", "ImageDataset", "load_image_dataset", "data", "image_data", "image_metrics", "metrics",
 ]
