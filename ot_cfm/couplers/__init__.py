@@ -1,6 +1,7 @@
 """Minibatch couplers: re-pair a noise batch with a data batch before flow matching."""
 
 from ot_cfm.couplers.base import Coupler
+from ot_cfm.couplers.conditional import ClassConditionalCoupler
 from ot_cfm.couplers.exact import ExactOTCoupler
 from ot_cfm.couplers.independent import IndependentCoupler
 from ot_cfm.couplers.multiscale import multiscale_assignment
@@ -8,4 +9,4 @@ from ot_cfm.couplers.semidiscrete import SemidiscreteCoupler
 from ot_cfm.couplers.sinkhorn import SinkhornCoupler
 
 __all__ = ["Coupler", "ExactOTCoupler", "SinkhornCoupler", "IndependentCoupler", "SemidiscreteCoupler",
-           "multiscale_assignment"]
+           "ClassConditionalCoupler", "multiscale_assignment"]
