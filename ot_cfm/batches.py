@@ -42,7 +42,11 @@ def batch_generator(seed: int, step: int) -> torch.Generator:
 class CoupledBatches(Dataset):
     """``batches[k]`` = (x0, x1), each (batch_size, *shape): batch k drawn from ``source`` and ``target`` with
     ``batch_generator(seed, k)`` and paired by ``couple(x0, x1, generator=...)`` (a matcher's ``couple``, or
-    None to keep the i.i.d. pairing). Points are drawn on the CPU and coupled on ``device``."""
+    None to keep the i.i.d. pairing). Points are drawn on the CPU and coupled on ``device``.
+
+    A labelled target (one returning ``(x1, y1)``, e.g. ``TensorSampler(data, labels, labelled=True)``) gives
+    ``batches[k]`` = (x0, x1, y1): the labels (batch_size,) are coupled with their points,
+    ``couple(x0, x1, None, y1, generator=...)``, and travel through worker processes with them."""
 
     def __init__(self, source: Callable, target: Callable, couple: Callable | None, batch_size: int, seed: int,
                  device: torch.device | str = "cpu"):
@@ -52,13 +56,37 @@ class CoupledBatches(Dataset):
     def __len__(self) -> int:
         return 2**62  # indexed by step; the sampler decides which steps are drawn
 
-    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, ...]:
         generator = batch_generator(self.seed, step)
         x0 = self.source(self.batch_size, generator).to(self.device)
-        x1 = self.target(self.batch_size, generator).to(self.device)
+        x1 = self.target(self.batch_size, generator)
+        if isinstance(x1, (tuple, list)):  # a labelled target: (x1, y1)
+            return self._labelled(x0, *_check_labelled(x1, self.batch_size), generator)
+        x1 = x1.to(self.device)
         if self.couple is not None:
             x0, x1 = self.couple(x0, x1, generator=generator)[:2]
         return x0, x1
+
+    def _labelled(self, x0: torch.Tensor, x1: torch.Tensor, y1: torch.Tensor,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x1, y1 = x1.to(self.device), y1.to(self.device)
+        if self.couple is not None:
+            x0, x1, _, y1 = self.couple(x0, x1, None, y1, generator=generator)
+        return x0, x1, y1
+
+
+def _check_labelled(drawn, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x1, y1) from a labelled target's draw, or ValueError naming what came back."""
+    if len(drawn) != 2 or not all(isinstance(t, torch.Tensor) for t in drawn):
+        raise ValueError(f"a target sampler returns a tensor (n, *shape) or, labelled, a pair (x, y) of tensors; "
+                         f"got a {type(drawn).__name__} of {len(drawn)} items")
+    x1, y1 = drawn
+    if y1.shape != (x1.shape[0],) or y1.is_floating_point() or y1.is_complex() or y1.dtype == torch.bool:
+        raise ValueError(f"a labelled target sampler must return labels y as an integer tensor of shape "
+                         f"({x1.shape[0]},), one per drawn point, got shape {tuple(y1.shape)} and dtype {y1.dtype}")
+    if x1.shape[0] != batch_size:
+        raise ValueError(f"the target sampler returned {x1.shape[0]} points; expected {batch_size}")
+    return x1, y1
 
 
 def _ignore_sigint(worker_id: int) -> None:

@@ -1,6 +1,7 @@
 """Seeded data samplers: 2D toy distributions, scikit-learn's digits, tensors held in memory.
 
-Every sampler is a callable ``sampler(n, generator=None) -> (n, *shape)`` tensor; all draws are
+Every sampler is a callable ``sampler(n, generator=None) -> (n, *shape)`` tensor (a labelled sampler,
+``TensorSampler(data, labels, labelled=True)``, returns ``(x, y)`` with int64 labels y (n,)); all draws are
 i.i.d. and go through the given ``torch.Generator`` (torch's default one when None).
 """
 
@@ -104,20 +105,29 @@ class TensorSampler:
 
     ``indices(n, generator)`` are the row numbers that ``__call__`` draws from the same generator state,
     so ``sampler.labels[indices]`` are the labels (N,) of those rows when labels were given.
+
+    With ``labelled=True`` (labels required) the sampler returns ``(x, y)``: the rows (n, *shape) and their
+    labels (n,), the same rows as without it for the same generator state. That is the labelled-sampler form
+    the Trainer takes as a target for class-conditional training.
     """
 
-    def __init__(self, data: torch.Tensor, labels: torch.Tensor | None = None):
+    def __init__(self, data: torch.Tensor, labels: torch.Tensor | None = None, *, labelled: bool = False):
         if data.shape[0] == 0:
             raise ValueError("data is empty; expected at least one sample")
         if labels is not None and labels.shape[0] != data.shape[0]:
             raise ValueError(f"labels ({labels.shape[0]}) and data ({data.shape[0]}) differ in length")
-        self.data, self.labels = data, labels
+        if labelled and labels is None:
+            raise ValueError("labelled=True returns (x, y) pairs and needs labels, one per row of data; got none")
+        self.data, self.labels, self.labelled = data, labels, bool(labelled)
 
     def indices(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.randint(0, self.data.shape[0], (n,), generator=generator).to(self.data.device)
 
-    def __call__(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.data[self.indices(n, generator)]
+    def __call__(self, n: int, generator: torch.Generator | None = None):
+        rows = self.indices(n, generator)
+        if self.labelled:
+            return self.data[rows], self.labels[rows.to(self.labels.device)]
+        return self.data[rows]
 
 
 def load_digits(*, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:

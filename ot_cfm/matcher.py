@@ -20,6 +20,7 @@ from ot_cfm.couplers.base import Coupler
 from ot_cfm.couplers.exact import ExactOTCoupler
 from ot_cfm.couplers.independent import IndependentCoupler
 from ot_cfm.couplers.sinkhorn import SinkhornCoupler
+from ot_cfm.models import drop_labels, is_conditional
 from ot_cfm.validation import check_pair, check_time, expand_like
 
 __all__ = ["FlowSample", "ConditionalFlowMatcher", "OTConditionalFlowMatcher", "COUPLERS"]
@@ -115,11 +116,32 @@ class ConditionalFlowMatcher:
         return (s.t, s.x_t, s.u_t, s.noise) if return_noise else (s.t, s.x_t, s.u_t)
 
     def loss(self, model, x0: torch.Tensor, x1: torch.Tensor, *,
-             generator: torch.Generator | None = None, coupled: bool = False) -> torch.Tensor:
+             generator: torch.Generator | None = None, coupled: bool = False, y1: torch.Tensor | None = None,
+             label_dropout: float = 0.0) -> torch.Tensor:
         """Mean squared error E |v(t, x_t) - u_t|^2 (mean over batch and coordinates), a scalar tensor;
-        ``coupled`` as in ``sample``."""
-        s = self.sample(x0, x1, generator=generator, coupled=coupled)
-        v = model(s.t, s.x_t)
+        ``coupled`` as in ``sample``.
+
+        Class-conditional: with data labels ``y1`` (B,) the model is called ``model(t, x_t, y)`` (it must be
+        conditional, ``is_conditional(model)``), y being the labels after coupling; with ``label_dropout`` = p,
+        each is replaced by ``model.null_label`` with probability p (drawn with ``generator`` after t and eps),
+        which trains the unconditional field that classifier-free guidance needs (``guided_field``).
+        """
+        conditional = is_conditional(model)
+        if (y1 is not None) != conditional:
+            raise ValueError(
+                f"labels y1 were given but the model is unconditional ({type(model).__name__} without num_classes)"
+                if y1 is not None else
+                f"the model is class-conditional ({type(model).__name__} with num_classes={model.num_classes}): "
+                "pass the data labels y1 (from a labelled sampler)")
+        if not 0.0 <= label_dropout <= 1.0 or (label_dropout > 0 and not conditional):
+            raise ValueError(f"label_dropout must lie in [0, 1] and needs a class-conditional model, got "
+                             f"{label_dropout} with {'a conditional' if conditional else 'an unconditional'} model")
+        s = self.sample(x0, x1, y1=y1, generator=generator, coupled=coupled)
+        if conditional:
+            y = drop_labels(s.y1, label_dropout, model.null_label, generator)
+            v = model(s.t, s.x_t, y)
+        else:
+            v = model(s.t, s.x_t)
         if v.shape != s.u_t.shape:
             raise ValueError(f"model returned shape {tuple(v.shape)}, expected {tuple(s.u_t.shape)} (the shape of x_t)")
         return torch.mean((v - s.u_t) ** 2)

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from ot_cfm.batches import DATA_STREAM, CoupledBatches, coupled_batch_stream
 from ot_cfm.checkpoint import check_storable, read_checkpoint, write_checkpoint
 from ot_cfm.matcher import ConditionalFlowMatcher
+from ot_cfm.models import is_conditional
 from ot_cfm.parallelism import auto_threads, auto_workers, torch_threads
 from ot_cfm.run_folder import claim_run_folder
 
@@ -59,6 +60,11 @@ class TrainConfig:
     ``ot_cfm.parallelism.auto_workers``: for the exact coupler, min(max(2, cores - 1), cores, 8) on two or
     more cores, else 0. The weights do not depend on it.
 
+    ``label_dropout`` (class-conditional runs only) replaces each label by the model's null label with this
+    probability, drawn from the trainer's generator (so resume stays exact); it trains the unconditional field
+    that classifier-free guidance needs (``ot_cfm.models.guided_field``). 0.1 is typical; 0.0 (default) for
+    unconditional runs.
+
     ``threads`` sets torch's intra-op threads during ``fit`` (restored afterwards); None (default) picks
     ``ot_cfm.parallelism.auto_threads``: 1 for a small model on the CPU (parameters x batch_size < 2^26),
     else the cores the workers leave, never more than torch's current setting. What was chosen is in
@@ -80,8 +86,12 @@ class TrainConfig:
     progress: bool = True
     workers: int | str = "auto"
     threads: int | None = None
+    label_dropout: float = 0.0
 
     def __post_init__(self):
+        if isinstance(self.label_dropout, bool) or not isinstance(self.label_dropout, (int, float)) \
+                or not 0.0 <= self.label_dropout <= 1.0:
+            raise ValueError(f"label_dropout must be a probability in [0, 1], got {self.label_dropout!r}")
         if self.workers != "auto" and not (isinstance(self.workers, int) and self.workers >= 0):
             raise ValueError(f"workers must be 'auto' or an integer >= 0, got {self.workers!r}")
         if self.threads is not None and not (isinstance(self.threads, int) and self.threads >= 1):
@@ -125,15 +135,21 @@ class TrainResult:
 
 
 class Trainer:
-    """Fits ``model(t, x)`` by flow matching between a source and a target sampler.
+    """Fits ``model(t, x)`` (or, class-conditional, ``model(t, x, y)``) by flow matching between a source and
+    a target sampler.
 
     Args:
-        model: the field v(t, x), an nn.Module.
-        matcher: a ConditionalFlowMatcher (its coupler decides minibatch OT, Sinkhorn, independent, semidiscrete).
-        source, target: samplers ``(n, generator) -> (n, *shape)`` drawing on the CPU (see ot_cfm.data).
+        model: the field v(t, x), an nn.Module; class-conditional when ``ot_cfm.models.is_conditional(model)``.
+        matcher: a ConditionalFlowMatcher (its coupler decides minibatch OT, Sinkhorn, independent, semidiscrete;
+            ``ClassConditionalCoupler`` couples within classes).
+        source, target: samplers ``(n, generator) -> (n, *shape)`` drawing on the CPU (see ot_cfm.data). A
+            conditional model needs a labelled target, returning ``(x, y)`` with int64 labels y (n,) in
+            0 .. num_classes - 1 (``TensorSampler(data, labels, labelled=True)``); an unconditional one a plain
+            target. A sampler with a ``labelled`` attribute is checked here, any other at its first batch.
         config: TrainConfig.
         evaluate: optional ``evaluate(model, step) -> dict`` of floats, called every ``eval_every`` steps
-            and at the end on the EMA weights when EMA is on; its values enter the metrics log.
+            and at the end on the EMA weights when EMA is on; its values enter the metrics log. For a conditional
+            model it must pass labels itself: ``model(t, x, y)``, or sample ``guided_field(model, y, scale)``.
         metadata: facts stored in checkpoints (for example how to rebuild the model, the names of the
             samplers), made of strings, numbers, booleans, None, lists and dicts; part of the fingerprint that a
             checkpoint must match to resume.
@@ -144,6 +160,8 @@ class Trainer:
                  metadata: dict | None = None):
         self.model, self.matcher, self.source, self.target = model, matcher, source, target
         self.config, self.evaluate, self.metadata = config, evaluate, dict(metadata or {})
+        self.conditional = is_conditional(model)
+        _check_labels_match(self.conditional, model, target, config.label_dropout)
         check_storable(self.metadata, "metadata")  # refused now, not at the first checkpoint
         self.device = next(model.parameters()).device
         self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
@@ -176,13 +194,20 @@ class Trainer:
         return CoupledBatches(self.source, self.target, self.matcher.couple, c.batch_size, c.seed,
                               device=self.device if device is None else device)
 
-    def train_step(self, batch: tuple[torch.Tensor, torch.Tensor] | None = None) -> float:
-        """One optimisation step on ``batch`` (coupled (x0, x1) of this step; drawn here when None); returns the loss."""
+    def train_step(self, batch: tuple[torch.Tensor, ...] | None = None) -> float:
+        """One optimisation step on ``batch`` (coupled (x0, x1), or (x0, x1, y1) with labels, of this step; drawn
+        here when None); returns the loss."""
         c = self.config
-        x0, x1 = self.batches()[self.step] if batch is None else batch
-        x0, x1 = x0.to(self.device, non_blocking=True), x1.to(self.device, non_blocking=True)
+        batch = self.batches()[self.step] if batch is None else batch
+        if (len(batch) == 3) != self.conditional:
+            _check_labels_match(self.conditional, self.model, _Drew(len(batch) == 3), c.label_dropout)
+        x0, x1 = batch[0].to(self.device, non_blocking=True), batch[1].to(self.device, non_blocking=True)
         self.model.train()
-        loss = self.matcher.loss(self.model, x0, x1, generator=self.generator, coupled=True)
+        if self.conditional:
+            loss = self.matcher.loss(self.model, x0, x1, generator=self.generator, coupled=True,
+                                     y1=batch[2].to(self.device, non_blocking=True), label_dropout=c.label_dropout)
+        else:
+            loss = self.matcher.loss(self.model, x0, x1, generator=self.generator, coupled=True)
         if not torch.isfinite(loss):
             raise RuntimeError(f"loss became {loss.item()} at step {self.step}; lower lr or enable grad_clip")
         self.optimizer.zero_grad(set_to_none=True)
@@ -288,6 +313,8 @@ class Trainer:
         resumable = set(_RESUMABLE_FIELDS)
         if self.config.schedule == "cosine":  # the schedule's length sets the lr of every step
             resumable.discard("steps")
+        if self.config.label_dropout == 0.0:  # as before the field existed: earlier checkpoints still resume
+            resumable.add("label_dropout")
         config = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in resumable}
         shapes = {k: list(v.shape) for k, v in self.model.state_dict().items()}
         return {"config": config, "parameter_shapes": shapes, "model": repr(self.model),
@@ -311,6 +338,8 @@ class Trainer:
                  if key != "config" and theirs.get(key) != ours[key]]
         diffs += [f"config.{k}: checkpoint {theirs.get('config', {}).get(k)!r} vs now {v!r}"
                   for k, v in ours["config"].items() if theirs.get("config", {}).get(k) != v]
+        if "label_dropout" not in ours["config"] and theirs.get("config", {}).get("label_dropout", 0.0) != 0.0:
+            diffs.append(f"config.label_dropout: checkpoint {theirs['config']['label_dropout']!r} vs now 0.0")
         if diffs:
             hint = (" (a cosine schedule is fixed by its length: only constant-schedule runs can be extended)"
                     if "steps" in ours["config"] and theirs.get("config", {}).get("steps") != self.config.steps else "")
@@ -323,6 +352,29 @@ class Trainer:
         self.generator.set_state(state["generator"])
         self.last_loss = float(state.get("loss", float("nan")))  # absent from checkpoints of earlier versions
         self.step = state["step"]
+
+
+class _Drew:
+    """Stands for a target sampler whose first batch showed whether it is labelled."""
+
+    def __init__(self, labelled: bool):
+        self.labelled = labelled
+
+
+def _check_labels_match(conditional: bool, model: nn.Module, target, label_dropout: float) -> None:
+    """ValueError unless labels come exactly when the model is conditional, and dropout only with labels."""
+    name = type(model).__name__
+    labelled = getattr(target, "labelled", None)
+    if conditional and labelled is False:
+        raise ValueError(f"the model is class-conditional ({name} with num_classes={model.num_classes}) but the "
+                         "target sampler returns no labels; use a labelled sampler returning (x, y), e.g. "
+                         "TensorSampler(data, labels, labelled=True), or an unconditional model")
+    if not conditional and labelled is True:
+        raise ValueError(f"the target sampler returns labels (x, y) but the model ({name}) is unconditional; build it "
+                         "with num_classes (e.g. MLP(dim, num_classes=K)) or use an unlabelled sampler")
+    if label_dropout > 0 and not conditional:
+        raise ValueError(f"label_dropout={label_dropout} needs a class-conditional model; {name} is unconditional "
+                         "(set label_dropout=0.0 or build the model with num_classes)")
 
 
 def _json_line(row: dict) -> str:
