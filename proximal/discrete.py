@@ -77,7 +77,8 @@ class DiscreteBrenierPotential(BrenierPotential):
 
     Args:
         support: (N, d) distinct finite points ``y_j``.
-        weights: (N,) non-negative masses summing to 1, or None for uniform ``1/N``.
+        weights: (N,) non-negative masses summing to 1 (within 1e-5, or the eps of support's dtype if
+            larger: 1e-3 for float16), or None for uniform ``1/N``; stored in support's dtype.
         dual_weights: (N,) finite dual weights ``g_j`` (e.g. from ``fit_discrete_potential``).
         block_size: largest number of (sample, support point) scores held at once; bounds
             the memory of every batched search to about ``block_size`` entries.
@@ -101,9 +102,15 @@ class DiscreteBrenierPotential(BrenierPotential):
             raise ValueError(f"weights must have shape ({n},), got {tuple(weights.shape)}")
         if not torch.isfinite(weights).all() or (weights < 0).any():
             raise ValueError("weights must be finite and non-negative")
+        # weights that sum to 1 still sum to 1 within eps / 2 once rounded to the support's dtype
+        # (relative rounding <= eps / 2 each): float16 (eps ~1e-3) needs more than the float32 / float64 1e-5
+        tolerance = max(1e-5, torch.finfo(support.dtype).eps)
         total = float(weights.sum(dtype=torch.float64))
-        if abs(total - 1.0) > 1e-5:
-            raise ValueError(f"weights must sum to 1 (tolerance 1e-5), got {total}")
+        if abs(total - 1.0) > tolerance:
+            hint = "" if torch.finfo(support.dtype).bits > 16 else (
+                f"; {support.dtype} rounds weights below 6e-5 coarsely (subnormal): use float32 or float64 support")
+            raise ValueError(f"weights must sum to 1 (tolerance {tolerance:.3g} for {support.dtype}), "
+                             f"got {total}{hint}")
         dual_weights = torch.as_tensor(dual_weights, dtype=support.dtype, device=support.device)
         if dual_weights.shape != (n,):
             raise ValueError(f"dual_weights must have shape ({n},), got {tuple(dual_weights.shape)}")

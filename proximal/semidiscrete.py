@@ -25,17 +25,21 @@ Methods:
 
 Quality: ``TV = 1/2 sum_j |mu0(C_j) - w_j|`` on each batch, which is fresh for the current
 iterate (it was not used to compute it); the batch is drawn as two independent halves and
-``noise = 1/4 sum_j |m^A_j - m^B_j|`` estimates the sampling floor of that TV estimate.
+``noise = 1/4 sum_j |m^A_j - m^B_j|`` estimates the sampling floor of that TV estimate. The last
+batch also brackets the OT cost of its own samples: the dual value at g below, the cost of a
+repaired coupling above (``FitReport``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable
 
+import ot
 import torch
 
 from proximal.discrete import DiscreteBrenierPotential
@@ -53,8 +57,29 @@ class FitReport:
     tv_noise: estimated sampling noise of ``tv`` (from two independent half-batches).
     converged: whether ``tv <= tol`` was reached (else max_time / max_iters stopped it).
     iterations, seconds, samples: solver steps, wall time, source samples drawn in total.
-    cost: transport cost ``E |x - T(x)|^2 / 2`` of the fitted map on the last batch.
-    cost_lower_bound: dual lower bound ``E|x|^2/2 + sum_j w_j |y_j|^2/2 - G(g)`` on the same batch.
+    threads: torch intra-op threads the solver ran with (the caller's setting is restored after).
+
+    Transport costs (``|x - y|^2 / 2``), all three on the last batch: its n fresh source samples
+    (independent of the returned duals g), as an empirical measure mu0_n.
+
+    map_cost: ``1/n sum |x - T(x)|^2 / 2``, the cost of the fitted map T. T sends mu0_n to the
+        cell masses m of the batch, not to the weights w, so this is no bound of the OT cost: it
+        can lie below ``cost_lower_bound`` (by about ``tv`` times the spread of ``|y_j|^2/2 - g_j``).
+    cost_lower_bound: the dual value at g, ``1/n sum |x|^2/2 + sum_j w_j |y_j|^2/2 - 1/n sum phi(x)
+        - sum_j w_j g_j``: at most the OT cost ``W(mu0_n, mu1)`` by weak duality, for any g.
+    cost_upper_bound: the cost of a coupling of mu0_n with mu1 (the map, with the excess mass of
+        over-full cells moved to the under-full ones by an optimal transport between the cells):
+        at least ``W(mu0_n, mu1)``.
+
+    So ``cost_lower_bound <= W(mu0_n, mu1) <= cost_upper_bound`` holds on the batch (to the
+    round-off of the support's dtype, in which the scores are computed), and the gap shrinks with
+    ``tv`` (quickstart, 1000 moons points at tv 0.0069: 1.8979 <= W <= 1.9022, map cost 1.8833).
+    Against the population cost ``W(mu0, mu1)``: the lower bound's expectation over the batch is
+    the dual value at g, at most ``W(mu0, mu1)``, and ``E W(mu0_n, mu1) >= W(mu0, mu1)`` (the OT
+    cost is convex in the source), so both hold in expectation, each with the batch's Monte Carlo
+    noise.
+
+    cost: deprecated alias of ``map_cost`` (it was never a bound).
     history: one ``(iteration, seconds, tv, tv_noise, batch)`` tuple per step.
     """
 
@@ -66,9 +91,19 @@ class FitReport:
     iterations: int
     seconds: float
     samples: int
-    cost: float
+    map_cost: float
     cost_lower_bound: float
+    cost_upper_bound: float
+    threads: int
     history: tuple[tuple[int, float, float, float, int], ...]
+
+    @property
+    def cost(self) -> float:
+        """Deprecated: ``map_cost``, the fitted map's own cost (not an upper bound of the OT cost)."""
+        warnings.warn("FitReport.cost is deprecated: it is map_cost, the fitted map's own cost, which can lie "
+                      "below cost_lower_bound; use map_cost, or cost_lower_bound and cost_upper_bound for the "
+                      "OT cost", DeprecationWarning, stacklevel=2)
+        return self.map_cost
 
 
 @dataclasses.dataclass
@@ -80,6 +115,8 @@ class _Pass:
     best_score: float  # sum of max_j <x, y_j> - g_j
     square_norm: float  # sum of |x|^2
     gap_scale: float  # median gap between the best and the k-th best score
+    cell_sums: torch.Tensor  # (N, d) sum of the samples x in each hard cell, float64
+    cell_squares: torch.Tensor  # (N,) sum of |x|^2 over each hard cell, float64
     soft_counts: torch.Tensor | None = None  # (N,) sum of softmax((<x, y> - g) / eps) over the batch
     hessian: torch.Tensor | None = None  # (N, N) Laplacian of the entropic dual, per sample
 
@@ -132,6 +169,7 @@ _TRUST = 2.0  # largest Newton move of a dual weight, in units of eps
 _FLOOR = 0.05  # curvature floor, in units of w_j / eps (that of a cell of mass w_j softened by eps)
 _DENSE_LIMIT = 4096  # largest N for the dense Newton systems
 _TOP_K = 8  # soft assignments are kept on each sample's 8 best cells
+_EXACT_REPAIR_PAIRS = 2 ** 22  # most (over-full, under-full) cell pairs for the exact repair of the upper bound
 _HESSIAN_SAMPLES = 2 ** 20  # samples of a batch whose top-k pairs feed the Laplacian (digits: 2^16 stalled)
 
 
@@ -150,6 +188,8 @@ def _batch_pass(y: torch.Tensor, g: torch.Tensor, draws: tuple[Callable, Callabl
     counts = torch.zeros(2, num, dtype=torch.float64, device=y.device)
     soft_counts = torch.zeros(num, dtype=torch.float64, device=y.device) if eps is not None and soft else None
     pair_weights = torch.zeros(num * num, dtype=torch.float64, device=y.device) if eps is not None else None
+    cell_sums = torch.zeros(num, y.shape[1], dtype=torch.float64, device=y.device)
+    cell_squares = torch.zeros(num, dtype=torch.float64, device=y.device)
     best_score = square_norm = 0.0
     gap_scale, seen = None, 0
     yt, neg_g = y.T.contiguous(), -g.to(y.dtype)
@@ -162,13 +202,18 @@ def _batch_pass(y: torch.Tensor, g: torch.Tensor, draws: tuple[Callable, Callabl
             ranked = x.shape[0] if soft_counts is not None or gap_scale is None else \
                 (min(x.shape[0], hessian_samples - seen) if pair_weights is not None else 0)
             best, arg = scores[ranked:].max(1)
-            counts[half] += torch.bincount(arg, minlength=num)
             best_score += float(best.sum(dtype=torch.float64))
+            top = idx = None
+            if ranked:
+                top, idx = scores[:ranked].topk(k, dim=1)
+                best_score += float(top[:, 0].sum(dtype=torch.float64))
+            cells = arg if idx is None else torch.cat([idx[:, 0], arg])  # hard cell of each row
+            counts[half] += torch.bincount(cells, minlength=num)
+            x64 = x.to(torch.float64)
+            cell_sums.index_add_(0, cells, x64)
+            cell_squares.index_add_(0, cells, x64.square().sum(1))
             if ranked == 0:
                 continue
-            top, idx = scores[:ranked].topk(k, dim=1)
-            counts[half] += torch.bincount(idx[:, 0], minlength=num)
-            best_score += float(top[:, 0].sum(dtype=torch.float64))
             if gap_scale is None:
                 gap_scale = float((top[:, 0] - top[:, -1]).median()) if k > 1 else 1.0
             if eps is None:
@@ -185,7 +230,60 @@ def _batch_pass(y: torch.Tensor, g: torch.Tensor, draws: tuple[Callable, Callabl
     if eps is not None:
         pair = pair_weights.reshape(num, num)
         hessian = (torch.diag(pair.sum(1)) - pair) / (eps * max(seen, 1))
-    return _Pass(counts, n, best_score, square_norm, gap_scale or 1.0, soft_counts, hessian)
+    return _Pass(counts, n, best_score, square_norm, gap_scale or 1.0, cell_sums, cell_squares, soft_counts, hessian)
+
+
+def _cost_bounds(passed: _Pass, y: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> tuple[float, float, float]:
+    """``(map_cost, lower, upper)`` on the sample of one pass (its empirical measure mu0_n), in float64.
+
+    map_cost = 1/n sum_x |x - T(x)|^2 / 2, T(x) = y_j on the hard cell C_j: the cost of the map, whose
+        image has the sample's cell masses m, not w, so it bounds nothing.
+    lower = 1/n sum_x |x|^2 / 2 + sum_j w_j |y_j|^2 / 2 - 1/n sum_x phi(x) - sum_j w_j g_j: the dual value
+        at g, <= W(mu0_n, mu1) by weak duality (for every coupling pi, cost(pi) - lower =
+        sum pi(x, k) [phi(x) - <x, y_k> + g_k] >= 0).
+    upper = the cost of a coupling of mu0_n with mu1: each cell keeps min(m_j, w_j) of its mass (the same
+        fraction of each of its points); the excess (m_j - w_j)_+ of over-full cells goes to the deficits
+        (w_k - m_k)_+ of under-full ones by an optimal transport between cells (network simplex on the
+        mean cost of cell j's points at y_k) when there are at most 2^22 such cell pairs, else in
+        proportion to the deficits. Either way a feasible coupling: lower <= W(mu0_n, mu1) <= upper.
+    """
+    n = passed.n
+    counts = passed.counts.sum(0)
+    m = counts / n
+    w = w / w.sum()  # the target measure: weights are checked to sum to 1 within 1e-5
+    half_norms = y.square().sum(1) / 2
+    mean_square, mean_best = passed.square_norm / n, passed.best_score / n
+    lower = mean_square / 2 + float(w @ half_norms) - mean_best - float(w @ g)
+    # sum over the points of cell j of |x - y_j|^2 / 2, from the cell sums of x and |x|^2
+    cell_cost = passed.cell_squares / 2 - (passed.cell_sums * y).sum(1) + counts * half_norms
+    map_cost = float(cell_cost.sum()) / n
+    kept = torch.where(m > 0, torch.minimum(m, w) / m.clamp_min(1e-300), torch.zeros_like(m))  # per point of j
+    upper = float(kept @ cell_cost) / n
+    excess, deficit = (m - w).clamp_min(0), (w - m).clamp_min(0)
+    sources, sinks = excess.nonzero().flatten(), deficit.nonzero().flatten()
+    if sources.numel() == 0 or sinks.numel() == 0:
+        return map_cost, lower, upper
+    plan = None
+    if sources.numel() * sinks.numel() <= _EXACT_REPAIR_PAIRS:
+        # mean of |x - y_k|^2 / 2 over the points x of cell j: (sum |x|^2 / 2 - <sum x, y_k>) / n_j + |y_k|^2 / 2
+        mean_cost = ((passed.cell_squares[sources, None] / 2 - passed.cell_sums[sources] @ y[sinks].T)
+                     / counts[sources, None] + half_norms[sinks])
+        a, b = excess[sources].cpu().numpy(), deficit[sinks].cpu().numpy()
+        with warnings.catch_warnings():  # a plan stopped early is still feasible: its cost is still a bound
+            warnings.simplefilter("ignore", UserWarning)
+            plan = torch.as_tensor(ot.emd(a, b * (a.sum() / b.sum()), mean_cost.cpu().numpy(), numItermax=10 ** 7),
+                                   dtype=torch.float64, device=y.device)
+        if not (torch.allclose(plan.sum(1), excess[sources], rtol=1e-9, atol=1e-15)
+                and torch.allclose(plan.sum(0), deficit[sinks], rtol=1e-9, atol=1e-15)):
+            plan = None  # not a coupling of the excess with the deficits: fall back
+        else:
+            upper += float((plan * mean_cost).sum())
+    if plan is None:  # released points go to y_k with probability deficit_k / moved
+        moved = float(deficit.sum())
+        mean_target, mean_half_norm = deficit @ y / moved, float(deficit @ half_norms) / moved
+        released = passed.cell_squares / 2 - passed.cell_sums @ mean_target + counts * mean_half_norm
+        upper += float((1 - kept) @ released) / n
+    return map_cost, lower, upper
 
 
 def _newton_direction(hessian: torch.Tensor, residual: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
@@ -219,16 +317,27 @@ def _as_generator(generator: torch.Generator | int | None) -> torch.Generator:
     return torch.Generator().manual_seed(0 if generator is None else int(generator))
 
 
+def _auto_threads(current: int) -> int:
+    """Threads for ``threads=None``: the cores that the 1-minute load average leaves idle (of those this
+    process may run on), at most torch's current setting, at least one."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(current, int(cores - os.getloadavg()[0])))
+
+
 def fit_discrete_potential(support: torch.Tensor, weights: torch.Tensor | None = None, *,
                            source: Source | None = None, tol: float = 1e-2, max_time: float = 300.0,
                            max_iters: int = 10_000, method: str = "auto",
                            generator: torch.Generator | int | None = None, progress: bool = True,
                            qmc: bool = True, batch_size: int | None = None,
-                           chunk_size: int | None = None) -> DiscreteBrenierPotential:
+                           chunk_size: int | None = None, threads: int | None = None) -> DiscreteBrenierPotential:
     """Fit the dual weights of the semi-discrete OT map from ``source`` to ``sum_j w_j delta_{y_j}``.
 
     Args:
-        support: (N, d) distinct finite target points; computations run on its device and dtype.
+        support: (N, d) distinct finite target points, float32 or float64; computations run on its
+            device and dtype. float16 and bfloat16 are refused (see Raises).
         weights: (N,) non-negative masses summing to 1 (default uniform).
         source: ``source(n, generator) -> (n, d)`` sampler; None for N(0, I_d).
         tol: stop once the TV cell-mass error, measured on fresh samples, is <= tol.
@@ -239,15 +348,33 @@ def fit_discrete_potential(support: torch.Tensor, weights: torch.Tensor | None =
         qmc: for the default Gaussian source, draw randomised (scrambled Sobol) QMC points.
         batch_size: first batch size (default ``max(2^14, 16 N)`` rounded up to a power of two).
         chunk_size: samples scored at once (memory ~ chunk_size * N).
+        threads: torch intra-op threads for the fit (``torch.set_num_threads``, process-wide while
+            it runs; the previous setting is restored afterwards, also on errors). None (default):
+            the cores that the 1-minute load average leaves idle, at most torch's current setting,
+            at least one. Measured on 2 cores (``benchmarks/proximal.py --threads-check``, medians
+            of 3): two threads beside other jobs (load 4 to 5) made fits 1.8 to 4 times slower, and
+            3.5 to 6.7 times slower beside one more busy process; on idle cores (load 1) two threads
+            took 0.57 of one thread's time. The choice is in ``fit_report.threads``.
 
     Returns:
         A ``DiscreteBrenierPotential`` with the duals centred to mean zero and the ``FitReport``
-        attached as ``potential.fit_report``.
+        attached as ``potential.fit_report`` (TV, the transport-cost bounds, the threads used).
+
+    Raises:
+        ValueError: bad arguments, or float16 / bfloat16 support: scores ``<x, y_j> - g_j`` in half
+            precision put 1.8 % (float16) and 13 % (bfloat16) of the source in another cell than in
+            float64 even with exact duals (TV 0.006 and 0.03 on a 10 x 10 grid), the order of the
+            default tol; fit in float32 (``support.float()``) instead.
     """
+    if isinstance(support, torch.Tensor) and support.is_floating_point() and torch.finfo(support.dtype).bits <= 16:
+        raise ValueError(f"fit_discrete_potential needs float32 or float64 support, got {support.dtype}: half "
+                         "precision scores put percents of the source in the wrong Laguerre cell (cell-mass "
+                         "errors of the order of the default tol 0.01); fit support.float() instead")
+    if threads is not None and (int(threads) != threads or threads < 1):
+        raise ValueError(f"threads must be a positive integer or None (automatic), got {threads!r}")
     start_potential = DiscreteBrenierPotential(support, weights, torch.zeros(support.shape[0], dtype=support.dtype,
                                                                             device=support.device))
-    y, w = start_potential.support, start_potential.weights.to(torch.float64)
-    num, dim = y.shape
+    num, dim = start_potential.support.shape
     if method == "auto":
         method = "newton" if num <= _DENSE_LIMIT else "sgd"
     if method not in ("newton", "sgd"):
@@ -259,7 +386,30 @@ def fit_discrete_potential(support: torch.Tensor, weights: torch.Tensor | None =
         raise ValueError(f"need tol > 0, max_time > 0, max_iters >= 1; got {tol}, {max_time}, {max_iters}")
     if (batch_size is not None and batch_size < 2) or (chunk_size is not None and chunk_size < 1):
         raise ValueError(f"batch_size must be >= 2 and chunk_size >= 1 (or None), got {batch_size} and {chunk_size}")
-    generator = _as_generator(generator)
+    previous = torch.get_num_threads()
+    used = _auto_threads(previous) if threads is None else int(threads)
+    torch.set_num_threads(used)
+    try:
+        g, report = _solve(start_potential, source=source, tol=tol, max_time=max_time, max_iters=max_iters,
+                           method=method, generator=_as_generator(generator), progress=progress, qmc=qmc,
+                           batch_size=batch_size, chunk_size=chunk_size, threads=used)
+    finally:
+        torch.set_num_threads(previous)
+    if not report.converged:
+        warnings.warn(f"fit_discrete_potential stopped ({method}, {report.iterations} steps, {report.seconds:.1f} s) "
+                      f"with TV {report.tv:.4g} > tol {tol}; the tolerance was not reached", RuntimeWarning,
+                      stacklevel=2)
+    potential = DiscreteBrenierPotential(support, weights, (g - g.mean()).to(support.dtype),
+                                         block_size=start_potential.block_size)
+    potential.fit_report = report
+    return potential
+
+
+def _solve(start: DiscreteBrenierPotential, *, source, tol, max_time, max_iters, method, generator, progress, qmc,
+           batch_size, chunk_size, threads) -> tuple[torch.Tensor, FitReport]:
+    """The solver loop of ``fit_discrete_potential`` (arguments checked there): float64 duals and the report."""
+    y, w = start.support, start.weights.to(torch.float64)
+    num, dim = y.shape
     chunk = chunk_size or max(256, min(2 ** 16, 2 ** 22 // num))
     batch = 2 ** math.ceil(math.log2(batch_size or max(2 ** 14, 16 * num)))
     draws = tuple(_stream(source, dim, generator, qmc, y.device, y.dtype) for _ in range(2))
@@ -315,20 +465,9 @@ def fit_discrete_potential(support: torch.Tensor, weights: torch.Tensor | None =
             batch *= 2
     if bar is not None:
         bar.close()
-    if not converged:
-        warnings.warn(f"fit_discrete_potential stopped ({method}, {len(history)} steps, {seconds:.1f} s) "
-                      f"with TV {tv:.4g} > tol {tol}; the tolerance was not reached", RuntimeWarning,
-                      stacklevel=2)
-    y64 = y.to(torch.float64)
-    masses = passed.masses
-    mean_square, mean_best = passed.square_norm / passed.n, passed.best_score / passed.n
-    half_norms = y64.square().sum(1) / 2
-    cost = mean_square / 2 + float(masses @ half_norms) - mean_best - float(masses @ g)
-    lower = mean_square / 2 + float(w @ half_norms) - mean_best - float(w @ g)
-    report = FitReport(method=method, tol=tol, tv=tv, tv_noise=noise, converged=converged,
-                       iterations=len(history), seconds=seconds, samples=samples, cost=cost,
-                       cost_lower_bound=lower, history=tuple(history))
-    potential = DiscreteBrenierPotential(support, weights, (g - g.mean()).to(support.dtype),
-                                         block_size=start_potential.block_size)
-    potential.fit_report = report
-    return potential
+    # the last pass scored the returned g (as rounded to the support's dtype) on fresh samples
+    map_cost, lower, upper = _cost_bounds(passed, y.to(torch.float64), w, g.to(y.dtype).to(torch.float64))
+    report = FitReport(method=method, tol=tol, tv=tv, tv_noise=noise, converged=converged, iterations=len(history),
+                       seconds=seconds, samples=samples, map_cost=map_cost, cost_lower_bound=lower,
+                       cost_upper_bound=upper, threads=threads, history=tuple(history))
+    return g, report

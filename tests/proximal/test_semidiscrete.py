@@ -2,12 +2,16 @@
 
 import math
 
+import numpy as np
+import ot
 import pytest
 import torch
 
+from ot_cfm.data import toy_sampler
+from proximal import semidiscrete
 from proximal.discrete import DiscreteBrenierPotential
 from proximal.grid import GridPotential
-from proximal.semidiscrete import FitReport, _batch_pass, cell_masses, fit_discrete_potential
+from proximal.semidiscrete import FitReport, _batch_pass, _cost_bounds, cell_masses, fit_discrete_potential
 
 # 4 x 3 tensor grid with unequal weights: its exact duals come from 1D Gaussian quantiles.
 GRID = GridPotential([torch.tensor([-1.5, -0.2, 0.4, 1.7]), torch.tensor([-1.0, 0.1, 1.2])],
@@ -44,8 +48,8 @@ def test_fit_recovers_grid_duals(method, tol):
     # cell-mass error of at most 2 tol moves each g_j by at most ~20 tol.
     error = (_centred(fitted.dual_weights.double()) - _centred(EXACT.dual_weights.double())).abs().max()
     assert error < 20 * tol
-    # Transport cost of the fitted map against the dual bound: the gap is sum_j (m_j - w_j)(|y_j|^2/2 - g_j).
-    assert abs(report.cost - report.cost_lower_bound) < 10 * tol * report.cost
+    # The bounds of the OT cost on the last batch close as the cell masses converge.
+    assert report.cost_lower_bound <= report.cost_upper_bound < report.cost_lower_bound + 10 * tol
 
 
 def test_custom_source_and_float32():
@@ -170,3 +174,99 @@ def test_scaled_and_shifted_support_gives_the_same_cells():
     x = torch.randn(20000, 2, generator=g, dtype=torch.float64)
     agree = (fit_z.assign(x) == fit_y.assign(x)).double().mean()
     assert agree > 0.95
+
+
+def _pass_on(x, y, g):
+    """One hard pass over the fixed sample x (its two halves as the two draws)."""
+    halves = iter(x.chunk(2))
+    return _batch_pass(y, g, (lambda n: next(halves),) * 2, x.shape[0], x.shape[0] // 2, None)
+
+
+@pytest.mark.parametrize("exact_repair", [True, False])
+def test_cost_bounds_bracket_the_ot_cost_of_the_sample(exact_repair, monkeypatch):
+    """For any duals g: dual value <= W(mu0_n, mu1) <= cost of the repaired coupling, W solved exactly by POT
+    on the very sample (n = 400 points against 20 weighted targets). The map's own cost bounds nothing."""
+    if not exact_repair:  # the proportional repair used when there are too many cell pairs for the exact one
+        monkeypatch.setattr(semidiscrete, "_EXACT_REPAIR_PAIRS", 0)
+    gen = torch.Generator().manual_seed(2)
+    y = torch.randn(20, 2, generator=gen, dtype=torch.float64)
+    w = torch.softmax(torch.randn(20, generator=gen, dtype=torch.float64), 0)
+    x = torch.randn(400, 2, generator=gen, dtype=torch.float64)
+    cost = (x[:, None] - y[None]).square().sum(-1) / 2
+    exact = ot.emd2(np.full(400, 1 / 400), w.numpy(), cost.numpy(), numItermax=10 ** 7)
+    for spread in (0.0, 0.3, 2.0):  # Voronoi cells, mildly and badly wrong duals
+        g = spread * torch.randn(20, generator=gen, dtype=torch.float64)
+        map_cost, lower, upper = _cost_bounds(_pass_on(x, y, g), y, w, g)
+        assert lower <= exact + 1e-12 and exact <= upper + 1e-12, (lower, exact, upper)
+        scores = x @ y.T - g
+        assert map_cost == pytest.approx(float(cost.gather(1, scores.argmax(1)[:, None]).mean()), rel=1e-12)
+        dual = float(x.square().sum(1).mean() / 2 + w @ y.square().sum(1) / 2 - scores.max(1).values.mean() - w @ g)
+        assert lower == pytest.approx(dual, rel=1e-12)
+    # with the optimal duals of this discrete problem (c-transform of POT's), the dual value is W itself
+    _, log = ot.emd(np.full(400, 1 / 400), w.numpy(), cost.numpy(), numItermax=10 ** 7, log=True)
+    g = y.square().sum(1) / 2 - torch.as_tensor(log["v"])  # u + v <= |x - y|^2 / 2  <=>  <x, y> - g <= |x|^2/2 - u
+    _, lower, upper = _cost_bounds(_pass_on(x, y, g), y, w, g)
+    assert lower == pytest.approx(exact, rel=1e-9) and upper >= exact - 1e-12
+
+
+def test_fit_report_costs_bracket_and_name_the_map_cost():
+    # 500 moons points at tol 0.02 reproduce the quickstart's inversion (the report's old "cost", the map's own,
+    # 1.8609 below its "lower bound" 1.8656): the bounds must bracket, and the old name warns.
+    data = toy_sampler("moons")(500, torch.Generator().manual_seed(0)).double()
+    report = fit_discrete_potential(data, tol=0.02, max_time=60, generator=0, progress=False).fit_report
+    assert report.converged
+    assert report.cost_lower_bound <= report.cost_upper_bound
+    with pytest.warns(DeprecationWarning, match="map_cost"):
+        assert report.cost == report.map_cost
+
+
+def test_half_precision_support_is_refused_with_advice():
+    with pytest.raises(ValueError, match=r"float32 or float64 support, got torch.float16.*support.float\(\)"):
+        fit_discrete_potential(EXACT.support.half(), progress=False)
+    with pytest.raises(ValueError, match="bfloat16"):
+        fit_discrete_potential(EXACT.support.bfloat16(), progress=False)
+    # The potential itself takes float16 support with default weights: 1/1000 rounds to 0.0009995, the sum
+    # to 0.99976, within float16's eps (~1e-3); float32 and float64 keep the 1e-5 tolerance.
+    moons = toy_sampler("moons")(1000, torch.Generator().manual_seed(0))
+    potential = DiscreteBrenierPotential(moons.half(), None, torch.zeros(1000))
+    assert potential.weights.dtype == torch.float16
+    with pytest.raises(ValueError, match="sum to 1"):
+        DiscreteBrenierPotential(moons, torch.full((1000,), 0.9995e-3), torch.zeros(1000))
+
+
+def test_threads_are_set_for_the_fit_and_restored(monkeypatch):
+    seen = []
+
+    def source(n, generator):
+        seen.append(torch.get_num_threads())
+        return torch.randn(n, 2, generator=generator)
+
+    def failing(n, generator):
+        raise RuntimeError("source failed")
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(semidiscrete.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+        for threads, load, expected in ((1, 0.0, 1), (2, 9.0, 2), (None, 0.0, 2), (None, 1.5, 1)):
+            monkeypatch.setattr(semidiscrete.os, "getloadavg", lambda: (load, load, load))
+            seen.clear()
+            fitted = fit_discrete_potential(EXACT.support, EXACT.weights, source=source, tol=0.05, max_time=30,
+                                            threads=threads, progress=False)
+            assert set(seen) == {expected} and fitted.fit_report.threads == expected
+            assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError, match="source failed"):
+            fit_discrete_potential(EXACT.support, source=failing, threads=1, progress=False)
+        assert torch.get_num_threads() == 2
+        with pytest.raises(ValueError, match="threads"):
+            fit_discrete_potential(EXACT.support, threads=0, progress=False)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_automatic_threads_take_only_idle_cores(monkeypatch):
+    monkeypatch.setattr(semidiscrete.os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    for load, current, expected in [(0.2, 4, 3), (0.2, 2, 2), (0.2, 1, 1),  # never above torch's setting
+                                    (1.0, 4, 3), (2.5, 4, 1), (3.9, 4, 1), (7.0, 4, 1)]:  # busy: one thread
+        monkeypatch.setattr(semidiscrete.os, "getloadavg", lambda: (load, load, load))
+        assert semidiscrete._auto_threads(current) == expected, (load, current)
