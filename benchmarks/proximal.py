@@ -6,9 +6,13 @@
     mixture (d = 64).
 (c) Goal cases: N = 1000 moons to TV <= 0.005 within 60 s; the 1797 digits (d = 64) to
     TV <= 0.01 within 300 s. Every final TV is re-checked on independent i.i.d. samples.
+(d) Threads (``--threads-check``, not part of the default run): ``fit_discrete_potential`` with
+    1 and 2 torch threads, interleaved in one process, medians of 3; with ``--compete`` a busy
+    Python process runs beside it (the case of a second job on the machine).
 
     python -m benchmarks.proximal --quick            # minutes (or: python benchmarks/proximal.py --quick)
     python -m benchmarks.proximal --out benchmarks/results/proximal.md   # full run
+    python -m benchmarks.proximal --threads-check [--compete]             # (d) only
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import math
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -103,6 +108,34 @@ def solve(support, method, tol, max_time, seed=0):
     return potential, time.perf_counter() - start
 
 
+def thread_cases(quick):
+    """(name, support, fit keyword arguments) of (d): converged small fits, and fixed steps of larger ones."""
+    gen = torch.Generator().manual_seed(0)
+    cases = [("moons N=200 to tol 0.02", moons(200).double(), dict(tol=0.02)),
+             ("moons N=1000 to tol 0.01", moons(1000).double(), dict(tol=0.01)),
+             ("digits N=1797 d=64, 4 newton steps", digits(), dict(tol=1e-9, max_iters=4)),
+             ("gaussian N=10000 d=64, 2 sgd steps", torch.randn(10000, 64, generator=gen), dict(tol=1e-9, max_iters=2))]
+    return cases[:2] if quick else cases
+
+
+def thread_timings(cases, repeats=3):
+    """Rows (name, N, d, median s with 1 thread, with 2 threads, ratio 2/1), runs interleaved 1, 2, 1, 2, ..."""
+    rows = []
+    for name, support, kwargs in cases:
+        times = {1: [], 2: []}
+        for _ in range(repeats):
+            for threads in (1, 2):
+                start = time.perf_counter()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    fit_discrete_potential(support, generator=0, progress=False, max_time=600, threads=threads,
+                                           **kwargs)
+                times[threads].append(time.perf_counter() - start)
+        one, two = statistics.median(times[1]), statistics.median(times[2])
+        rows.append((name, support.shape[0], support.shape[1], one, two, two / one))
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes and budgets (minutes)")
@@ -110,6 +143,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip", default="", help="comma list of sections to skip: a,b,c")
     parser.add_argument("--methods", default="newton,sgd", help="comma list of solvers for (b) and (c)")
+    parser.add_argument("--threads-check", action="store_true", help="run only (d): fit times with 1 and 2 threads")
+    parser.add_argument("--compete", action="store_true", help="(d) with a busy Python process beside it")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     skip = set(filter(None, args.skip.split(",")))
@@ -122,6 +157,22 @@ def main(argv=None):
     def emit(text):
         lines.append(text)
         print(text, flush=True)
+
+    if args.threads_check:
+        competitor = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.compete else None
+        try:
+            emit(f"## (d) fit_discrete_potential with 1 and 2 threads{' beside a busy process' if competitor else ''}"
+                 f" (medians of 3, interleaved)\n\nLoad average before: {os.getloadavg()[0]:.2f}\n")
+            emit("| case | N | d | 1 thread s | 2 threads s | ratio 2 / 1 |")
+            emit("|---|---|---|---|---|---|")
+            for row in thread_timings(thread_cases(q)):
+                emit("| {} | {} | {} | {:.2f} | {:.2f} | {:.2f} |".format(*row))
+            emit(f"\nLoad average after: {os.getloadavg()[0]:.2f}")
+        finally:
+            if competitor is not None:
+                competitor.kill()
+                competitor.wait()
+        skip = {"a", "b", "c"}
 
     if "a" not in skip:
         emit("## (a) velocity throughput, t = 0.5, against B x d @ d x N (medians)\n")
@@ -153,8 +204,8 @@ def main(argv=None):
     if "c" not in skip:
         emit("\n## (c) goal cases\n")
         emit("| case | method | tol | budget s | converged | seconds | steps | samples | TV (noise) | "
-             "i.i.d. TV | i.i.d. floor | cost | lower bound |")
-        emit("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+             "i.i.d. TV | i.i.d. floor | cost lower bound | cost upper bound | map cost |")
+        emit("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         goals = [("moons N=1000", moons(1000), 0.005, 60), ("digits N=1797", digits(), 0.01, 300)]
         for name, support, tol, budget in goals:
             for method in (["newton"] if q else methods):
@@ -163,7 +214,7 @@ def main(argv=None):
                 check, floor = tv_check(potential, 2 ** 18 if q else 2 ** 22)
                 emit(f"| {name} | {method} | {tol} | {budget if not q else 20} | {rep.converged} | {seconds:.1f} | "
                      f"{rep.iterations} | {rep.samples} | {rep.tv:.4f} ({rep.tv_noise:.4f}) | {check:.4f} | "
-                     f"{floor:.4f} | {rep.cost:.4f} | {rep.cost_lower_bound:.4f} |")
+                     f"{floor:.4f} | {rep.cost_lower_bound:.4f} | {rep.cost_upper_bound:.4f} | {rep.map_cost:.4f} |")
 
     if args.out:
         with open(args.out, "w") as handle:
