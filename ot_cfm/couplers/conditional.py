@@ -23,6 +23,14 @@ problem is solved over the whole batch instead, with cost
 so that ``penalty`` is scale-free; as it grows the pairs become the within-class ones. It is built by
 appending ``sqrt(penalty m / 2) onehot(y1)`` to both batches, so every solver of the base coupler
 applies unchanged.
+
+Measured on scikit-learn's digits (flattened to 64 coordinates, MLP(64, width=256, depth=3, num_classes=10),
+3000 steps at batch 128, label dropout 0.1, EMA 0.999, 3 seeds): mean over classes of the pixel W2 between
+100 samples of class c (guidance scale 1, Euler) and the held-out images of class c, NFE 1 / 2 / 8:
+naive exact OT 3.80 / 3.65 / 3.83, soft penalty 0.03: 3.79 / 3.64 / 3.82, soft 0.1: 3.59 / 3.44 / 3.65,
+within-class 3.37 / 3.20 / 3.45, independent pairing 3.34 / 3.09 / 3.40 (spreads over seeds <= 0.02).
+Share of pairs that cross the assigned class at batch 128: 0.78 (penalty 0.03), 0.42 (0.1), 0 (1 and above,
+identical to within-class). The hard version is the default: the soft one only moves towards it.
 """
 
 from __future__ import annotations

@@ -142,7 +142,8 @@ def conditional_trainer(folder, target=None, model=None, **overrides):
                   warmup_steps=2, schedule="cosine", grad_clip=1.0, ema_decay=0.9, log_every=1,
                   checkpoint_every=5, progress=False, workers=0, label_dropout=0.1)
     config.update(overrides)
-    return Trainer(model or MLP(64, width=64, depth=2, num_classes=10), ConditionalFlowMatcher(ClassConditionalCoupler()),
+    model = model or MLP(64, width=64, depth=2, num_classes=10)
+    return Trainer(model, ConditionalFlowMatcher(ClassConditionalCoupler()),
                    gaussian_sampler((64,)), target or digits_sampler(), TrainConfig(**config))
 
 
