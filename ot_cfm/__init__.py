@@ -5,7 +5,7 @@ u_t; the Trainer fits a model v(t, x); ``sample`` integrates v from noise to dat
 """
 
 from ot_cfm import data, image_data, image_metrics, metrics
-from ot_cfm.couplers import (Coupler, ExactOTCoupler, IndependentCoupler, SemidiscreteCoupler,
+from ot_cfm.couplers import (ClassConditionalCoupler, Coupler, ExactOTCoupler, IndependentCoupler, SemidiscreteCoupler,
                              SinkhornCoupler)
 from ot_cfm.evaluation import SampleQuality, evaluate_samples
 from ot_cfm.image_data import ImageDataset, load_image_dataset
@@ -18,7 +18,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Coupler", "ExactOTCoupler", "SinkhornCoupler", "IndependentCoupler", "SemidiscreteCoupler",
-    "ConditionalFlowMatcher", "OTConditionalFlowMatcher", "FlowSample",
-    "MLP", "UNet", "unet_for", "guided_field", "is_conditional", "sample", "SampleResult", "IntegrationError", "Trainer", "TrainConfig", "TrainResult",
-    "SampleQuality", "evaluate_samples", "ImageDataset", "load_image_dataset", "data", "image_data", "image_metrics", "metrics",
+    "ClassConditionalCoupler", "ConditionalFlowMatcher", "OTConditionalFlowMatcher", "FlowSample",
+    "MLP", "UNet", "unet_for", "guided_field", "is_conditional",
+    "sample", "SampleResult", "IntegrationError", "Trainer", "TrainConfig", "TrainResult",
+    "SampleQuality", "evaluate_samples", "ImageDataset", "load_image_dataset",
+    "data", "image_data", "image_metrics", "metrics",
 ]

@@ -498,9 +498,9 @@ class ImageDataset:
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def train_sampler(self) -> TensorSampler:
-        """i.i.d. draws (with replacement) of training images, with their labels."""
-        return TensorSampler(self.train_images, self.train_labels)
+    def train_sampler(self, *, labelled: bool = False) -> TensorSampler:
+        """i.i.d. draws (with replacement) of training images; with ``labelled`` each draw returns (images, labels)."""
+        return TensorSampler(self.train_images, self.train_labels, labelled=labelled)
 
 
 def _seeded_split(n: int, fraction: float, seed: int | torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -488,6 +488,10 @@ def test_digits_default_needs_no_files():
     assert torch.equal(load_image_dataset().held_out_images, ds.held_out_images)
     sampler = ds.train_sampler()
     assert sampler(4, torch.Generator().manual_seed(0)).shape == (4, 1, 8, 8)
+    x, y = ds.train_sampler(labelled=True)(4, torch.Generator().manual_seed(0))
+    assert torch.equal(x, sampler(4, torch.Generator().manual_seed(0)))  # the same rows, now with their labels
+    rows = [int((ds.train_images == xi).flatten(1).all(1).nonzero()[0]) for xi in x]
+    assert torch.equal(y, ds.train_labels[rows])
 
 
 def test_entry_point_refuses_unclear_requests(tmp_path):
