@@ -350,11 +350,14 @@ def fit_discrete_potential(support: torch.Tensor, weights: torch.Tensor | None =
         chunk_size: samples scored at once (memory ~ chunk_size * N).
         threads: torch intra-op threads for the fit (``torch.set_num_threads``, process-wide while
             it runs; the previous setting is restored afterwards, also on errors). None (default):
-            the cores that the 1-minute load average leaves idle, at most torch's current setting,
-            at least one. Measured on 2 cores (``benchmarks/proximal.py --threads-check``, medians
-            of 3): two threads beside other jobs (load 4 to 5) made fits 1.8 to 4 times slower, and
-            3.5 to 6.7 times slower beside one more busy process; on idle cores (load 1) two threads
-            took 0.57 of one thread's time. The choice is in ``fit_report.threads``.
+            int(cores - 1-minute load average), at most torch's current setting,
+            at least one. Measured on 2 cores shared with other jobs (``benchmarks/proximal.py
+            --threads-check``, medians of 3, one and two threads interleaved): two threads took
+            1.8 to 5.7 times as long as one (moons N = 200 and 1000, digits, N = 10^4 in d = 64,
+            load 1 to 5), 3.5 to 6.7 times beside one more busy process, and 0.57 times once (200
+            points, the second core idle). A second thread pays only on a core nobody else wants,
+            and the load average sees new jobs late, so the rule is conservative: on 2 cores it
+            takes two threads only at load 0. The choice is in ``fit_report.threads``.
 
     Returns:
         A ``DiscreteBrenierPotential`` with the duals centred to mean zero and the ``FitReport``
