@@ -40,13 +40,15 @@ def time_to_go(t: float | torch.Tensor, x: torch.Tensor, *, allow_one: bool = Fa
     """
     t = _times64(t, x)
     if not torch.isfinite(t).all() or (t < 0).any() or (t > 1).any() or (not allow_one and (t == 1).any()):
-        bad = t[~(torch.isfinite(t) & (t >= 0) & ((t <= 1) if allow_one else (t < 1)))][:5].tolist()
+        bad = t[~(torch.isfinite(t) & (t >= 0) & ((t <= 1) if allow_one else (t < 1)))].unique()[:5].tolist()
         interval = "[0, 1]" if allow_one else "[0, 1)"
         hint = "" if allow_one or not (t == 1).any() else (
             ": the field (x1 - x) / (1 - t) is undefined at t = 1 (every source point of a cell arrives "
-            "at the same target point, with its own velocity). A float32 t cannot hold 1 - t below 6e-8 "
-            "(1 - 1e-9 rounds to 1.0): pass t as a Python float or a float64 tensor, or give the time to go "
-            "s = 1 - t to velocity_at_time_to_go(x, s)")
+            "at the same target point, with its own velocity). ODE solvers that evaluate the end time "
+            "(dopri5, tsit5, rk4) cannot integrate it to t = 1: use euler or midpoint, exact on its straight "
+            "paths. A float32 t cannot hold 1 - t below 6e-8 (1 - 1e-9 rounds to 1.0): pass t as a Python "
+            "float or a float64 tensor, or give the time to go s = 1 - t (ExactVelocityField.at_time_to_go, "
+            "BrenierPotential.velocity_at_time_to_go)")
         raise ValueError(f"t must lie in {interval}, got values {bad}{hint}")
     return 1 - t
 
@@ -55,7 +57,7 @@ def check_time_to_go(s: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The time to go ``s = 1 - t`` as a (B,) float64 tensor, checked to lie in (0, 1]."""
     s = _times64(s, x)
     if not (torch.isfinite(s).all() and (s > 0).all() and (s <= 1).all()):
-        bad = s[~(torch.isfinite(s) & (s > 0) & (s <= 1))][:5].tolist()
+        bad = s[~(torch.isfinite(s) & (s > 0) & (s <= 1))].unique()[:5].tolist()
         raise ValueError(f"the time to go s = 1 - t must lie in (0, 1], got values {bad} (s = 0 is t = 1, "
                          "where the field is undefined)")
     return s

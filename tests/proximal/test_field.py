@@ -58,9 +58,11 @@ def test_lead_sampler_with_the_exact_field(name):
     sampling = pytest.importorskip("ot_cfm.sampling")
     potential = POTENTIALS[name]()
     x0 = torch.randn(200, 3, generator=torch.Generator().manual_seed(2), dtype=F64)
-    for steps in (1, 4):
-        result = sampling.sample(ExactVelocityField(potential), x0, solver="euler", steps=steps)
+    for solver, steps in (("euler", 1), ("euler", 4), ("midpoint", 3)):  # neither evaluates t = 1
+        result = sampling.sample(ExactVelocityField(potential), x0, solver=solver, steps=steps)
         torch.testing.assert_close(result.x, potential.transport_map(x0), atol=1e-9, rtol=0)
+    with pytest.raises(ValueError, match="use euler or midpoint"):  # dopri5 evaluates the field at t = 1
+        sampling.sample(ExactVelocityField(potential), x0)
 
 
 def test_field_reshapes_and_accepts_time_formats():
