@@ -112,7 +112,8 @@ def sample(field, x0: torch.Tensor, *, solver: str = "dopri5", steps: int | None
 
     Args:
         field: callable field(t, x) -> (B, *shape), t a 0-d tensor in x0's dtype; a model or
-            ``proximal.ExactVelocityField``.
+            ``proximal.ExactVelocityField`` (which has no value at t = 1: integrate it with "euler" or
+            "midpoint", which never evaluate there).
         x0: initial states (B, *shape), finite.
         solver: fixed-step "euler", "midpoint", "rk4" (need ``steps``; ``steps`` x stages evaluations)
             or adaptive "dopri5", "tsit5" (use ``atol``/``rtol``; ``steps`` must be None).
