@@ -173,7 +173,8 @@ def table(rows: list[dict], reference_gaps: bool = False) -> str:
     lines = []
     for r in rows:
         ms, n = r["ms"], r["n"]
-        ref = "".join(f" {r['ref_gaps'].get(m, float('nan')):.1e} |" for m in ("pot", "scipy")) if reference_gaps else ""
+        ref = "".join(f" {r['ref_gaps'].get(m, float('nan')):.1e} |" for m in ("pot", "scipy")) \
+            if reference_gaps else ""
         lines.append(f"| {r['B']} | {r['d']} | {ms['ours']:.1f} ({r['solver']}) | {ms['torchcfm']:.1f} | "
                      f"{ms['pot']:.1f} | {ms['scipy']:.1f} | {ms['torchcfm'] / ms['ours']:.2f}x | "
                      f"{r['tc_gap']:.1e} | {100 * r['tc_dup']:.1f}% | {r['ours_gap']:.0e} |{ref} "

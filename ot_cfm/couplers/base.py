@@ -35,8 +35,14 @@ def sample_rows(logits: torch.Tensor, generator: torch.Generator | None = None) 
     return torch.argmax(logits.to(torch.float64) + gumbel, dim=1)
 
 
+#: most entries of a batch that ``centre_and_scale`` reads to choose its centre and scale: below torch's
+#: parallel grain (32768), so those reads start no thread team (with two threads on a loaded two-core
+#: machine every extra parallel pass over a 1024 x 784 batch cost about 10 ms)
+_SAMPLE_ENTRIES = 16384
+
+
 def _max_abs(x: torch.Tensor) -> float:
-    """max |x| over all entries (0 for an empty tensor), NaN or inf if x holds one; one global min-max."""
+    """max |x| over all entries (0 for an empty tensor)."""
     if x.numel() == 0:
         return 0.0
     lo, hi = torch.aminmax(x)
@@ -48,57 +54,62 @@ def _power_of_two_above(m: float) -> float:
     return math.ldexp(1.0, min(math.frexp(m)[1], 1023)) if m > 0 else 1.0
 
 
-def _centre_copies(a: torch.Tensor, b: torch.Tensor, separately: bool, dtype: torch.dtype,
-                   pre: float) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Copies of a / pre and b / pre in ``dtype``, centred in place, and their largest |entry|."""
-    a, b = a.to(dtype, copy=True), b.to(dtype, copy=True)
-    if pre != 1.0:
-        a.mul_(1.0 / pre)
-        b.mul_(1.0 / pre)
-    if separately:
-        for x in (a, b):
-            mean = x.mean(0)
-            if _max_abs(mean) > _max_abs(x) / 2:  # an offset beyond the spread: it would cost digits
-                x.sub_(mean)
-    else:
-        centre = (a.sum(0) + b.sum(0)) / (a.shape[0] + b.shape[0])
-        a.sub_(centre)
-        b.sub_(centre)
-    return a, b, max(_max_abs(a), _max_abs(b))
+def _sample(x: torch.Tensor) -> torch.Tensor:
+    """Every ceil(n / k)-th row of x (n, d), k = min(n, _SAMPLE_ENTRIES // d), as float64."""
+    k = max(1, min(x.shape[0], _SAMPLE_ENTRIES // max(x.shape[1], 1)))
+    return x[:: -(-x.shape[0] // k)].to(torch.float64)
 
 
-def centre_and_scale(a: torch.Tensor, b: torch.Tensor, *, separately: bool = False,
-                     dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+def centre_and_scale(a: torch.Tensor, b: torch.Tensor, *, separately: bool = False, dtype: torch.dtype | None = None,
+                     scaled: bool = True) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(a', b', scale): a (n0, d) and b (n1, d) moved by centres c_a, c_b and divided by one power of
-    two, ``scale``, so that every entry of a' = (a - c_a) / scale and b' = (b - c_b) / scale lies in
-    [-1, 1], at least one beyond 1/2. New tensors in ``dtype`` (a's by default) on a's device; the
-    inputs are not modified.
+    two, ``scale``: a' = (a - c_a) / scale and b' = (b - c_b) / scale, new tensors in ``dtype`` (a's by
+    default) on a's device; the inputs are not modified. With ``scaled=False`` the division is left
+    to the caller (a' = a - c_a, b' = b - c_b; exact whenever it is done).
 
-    By default c_a = c_b = the mean of the union: one common point, which leaves every |a_i - b_j|
-    unchanged. With ``separately``, each batch whose mean exceeds half its largest |entry| is centred
-    on its own mean, and the other is left in place (c = 0: its offset costs at most 2 bits of the
-    cost's precision, while moving a source batch reorders scipy's augmenting paths, measured 10 %
-    slower or faster from one batch to the next): |a_i - b_j|^2 then changes by a term of i, a term of
-    j and a constant (and -<a_i, b_j> by a term of each), so an optimal transport plan for given
-    marginals stays optimal, while the distance between the batches' means leaves the cost. Dividing
-    by a power of two is exact.
+    By default c_a = c_b, one common point, which leaves every |a_i - b_j| unchanged. With
+    ``separately``, a batch whose mean exceeds half its largest |entry| is moved by its own mean and
+    the other is left in place (c = 0: its offset costs at most 2 bits of the cost's precision, while
+    moving a source batch reorders scipy's augmenting paths, 10 % slower or faster from one batch to
+    the next): |a_i - b_j|^2 then changes by a term of i, a term of j and a constant (and -<a_i, b_j>
+    by a term of each), so an optimal transport plan for given marginals stays optimal, while the
+    distance between the batches' means leaves the cost.
+
+    Centres and scale come from a sample of rows spread over each batch (all rows up to 16384 entries;
+    every ceil(n / k)-th row of k = 16384 // d beyond): the means of the sampled rows, and the power of
+    two just above their largest |entry - centre|, so the sampled entries of a' and b' lie in [-1, 1]
+    and the others are of order one. Any centre and any power of two keep the plan exact; the sample
+    only has to find the offset and the order of magnitude. The batches themselves are read once, by
+    the copy into ``dtype``, then scaled (exact) and moved in place, so each entry is rounded once,
+    as (x - c) / scale would be.
 
     Pairwise differences are kept to the precision of the points: unlike the raw coordinates, whose
     squares overflow near 1e154 (float64) or 1e19 (float32), fall below absolute solver tolerances
     near 1e-6, and cancel in |a|^2 + |b|^2 - 2 <a, b> under an offset (at 1e6 the float64 cost keeps
-    about 4 digits of unit-scale differences). Besides the copy into ``dtype``, three to five passes
-    (mean, global min-max, scaling; a subtraction and a second min-max where a batch moves). Where a
-    sum overflows (entries near the dtype's largest value) the points are first divided by a power of
-    two, at the cost of a second round.
+    about 4 digits of unit-scale differences).
     """
     dtype = dtype or a.dtype
-    a_c, b_c, m = _centre_copies(a, b, separately, dtype, 1.0)
-    scale = 1.0
-    if not math.isfinite(m):  # finite inputs, so a sum or a difference overflowed
-        scale = _power_of_two_above(max(_max_abs(a), _max_abs(b)))
-        a_c, b_c, m = _centre_copies(a, b, separately, dtype, scale)
-    inner = _power_of_two_above(m)
-    return a_c.mul_(1.0 / inner), b_c.mul_(1.0 / inner), scale * inner
+    sa, sb = _sample(a), _sample(b)
+    pre = _power_of_two_above(max(_max_abs(sa), _max_abs(sb)))  # sampled entries in [-1, 1]: no sum overflows
+    sa, sb = sa / pre, sb / pre
+    if separately:
+        ca, cb = sa.mean(0), sb.mean(0)
+        ca, cb = (c if _max_abs(c) > _max_abs(x) / 2 else None for c, x in ((ca, sa), (cb, sb)))
+    else:
+        ca = cb = torch.cat([sa, sb]).mean(0)
+    extent = max(_max_abs(sa if ca is None else sa - ca), _max_abs(sb if cb is None else sb - cb))
+    log_pre = math.frexp(pre)[1] - 1
+    exponent = min(log_pre + math.frexp(_power_of_two_above(extent))[1] - 1, 1023)  # 1 when the points coincide
+    scale = math.ldexp(1.0, exponent)
+    out = []
+    for x, c in ((a, ca), (b, cb)):
+        x = x.to(dtype, copy=True)
+        if scaled:  # first: then nothing overflows below, and (x / scale - c / scale) rounds once
+            x.mul_(math.ldexp(1.0, -exponent))
+        if c is not None:
+            x.sub_((c * math.ldexp(1.0, log_pre - (exponent if scaled else 0))).to(dtype))
+        out.append(x)
+    return out[0], out[1], scale
 
 
 class Coupler(ABC):

@@ -13,11 +13,13 @@ candidate graph and certifies optimality on the full one; it is the fastest at l
 
 Exact at every scale. Before any solver each batch whose mean is further from the origin than half
 its largest entry is centred on that mean, and both are divided by one power of two
-(``base.centre_and_scale``, in float64 on the input's device, O((B0 + B1) d)). The optimum does not
-move: moving x0 by c0 and x1 by c1 changes |x0_i - x1_j|^2 by 2 <x0_i, c1 - c0> + 2 <x1_j, c0 - c1>
-+ |c0 - c1|^2 (and -<x0_i, x1_j> by <x0_i, c1> + <c0, x1_j> - <c0, c1>): a term of i, a term of j
-and a constant, whose total over any plan with the prescribed marginals is fixed, for any sizes and
-weights; a common scaling multiplies every cost by s^2. Each batch's own centre, not one common
+(``base.centre_and_scale``: centres and scale from a sample of rows; the batches are converted to
+float64 as before and scaled and moved in place, on the input's device; for scipy the scaling is
+folded into the negation of -<x0_i, x1_j>). The optimum does not move: moving x0 by c0 and x1 by
+c1 changes |x0_i - x1_j|^2 by 2 <x0_i, c1 - c0> + 2 <x1_j, c0 - c1> + |c0 - c1|^2 (and -<x0_i, x1_j>
+by <x0_i, c1> + <c0, x1_j> - <c0, c1>): a term of i, a term of j and a constant, whose total over any
+plan with the prescribed marginals is fixed, for any sizes and weights; a common scaling multiplies
+every cost by s^2. Each batch's own centre, not one common
 point, and only where its offset exceeds its spread: a common one adds a column term <c, x1_j> to
 -<x0_i, x1_j>, which made scipy 2.7x to 5x slower at d = 64 to 784, and moving a source batch that
 needs no move reorders scipy's augmenting paths (10 % slower or faster from batch to batch). Without
@@ -36,6 +38,8 @@ replacement from the plan (about 1/e = 36.8 % duplicates, see ``benchmarks/coupl
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -91,6 +95,21 @@ def _solve_on_cpu(cost: torch.Tensor, solver: str, a: torch.Tensor | None = None
         return (torch.from_numpy(col).to(cost.device),)
     out = network_simplex(c, None if a is None else a.cpu().numpy(), None if b is None else b.cpu().numpy())
     return tuple(torch.from_numpy(t).to(cost.device) for t in out)
+
+
+def _scipy_cost(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+    """-<a_i, b_j> / s^2 (B0, B1), float64, for a, b the batches centred by ``centre_and_scale`` and s
+    its power of two. scipy's solver is scale-free, so the division goes on one factor, folded into its
+    negation (negating the (B0, d) factor, not the (B0, B1) product: one pass), unless s^-2 would leave
+    float64's range; then each factor takes 1 / s."""
+    a, b, scale = centre_and_scale(x0, x1, separately=True, dtype=torch.float64, scaled=False)
+    exponent = math.frexp(scale)[1] - 1
+    if abs(exponent) <= 480:
+        a.mul_(-math.ldexp(1.0, -2 * exponent))
+    else:
+        a.mul_(-math.ldexp(1.0, -exponent))
+        b.mul_(math.ldexp(1.0, -exponent))
+    return a @ b.T
 
 
 def _certified_network_simplex(a: torch.Tensor, b: torch.Tensor, w0: torch.Tensor | None,
@@ -163,9 +182,9 @@ class ExactOTCoupler(Coupler):
         solver = "pot" if weighted else self.choose_solver(a.shape[0], b.shape[0], a.shape[1])
         if solver == "multiscale":  # it centres, scales and certifies itself
             return solver, multiscale_assignment(a, b)
+        if solver == "scipy":
+            return solver, _solve_on_cpu(_scipy_cost(a, b), solver)[0]
         a, b, _ = centre_and_scale(a, b, separately=True, dtype=torch.float64)
-        if solver == "scipy":  # negating a (B0, d) factor, not the (B0, B1) product: exact, one pass less
-            return solver, _solve_on_cpu(a.neg_() @ b.T, solver)[0]
         return solver, _certified_network_simplex(a, b, w0, w1)
 
     def indices(self, x0: torch.Tensor, x1: torch.Tensor, *, generator: torch.Generator | None = None,
