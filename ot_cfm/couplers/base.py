@@ -79,9 +79,10 @@ def centre_and_scale(a: torch.Tensor, b: torch.Tensor, *, separately: bool = Fal
     every ceil(n / k)-th row of k = 16384 // d beyond): the means of the sampled rows, and the power of
     two just above their largest |entry - centre|, so the sampled entries of a' and b' lie in [-1, 1]
     and the others are of order one. Any centre and any power of two keep the plan exact; the sample
-    only has to find the offset and the order of magnitude. The batches themselves are read once, by
-    the copy into ``dtype``, then scaled (exact) and moved in place, so each entry is rounded once,
-    as (x - c) / scale would be.
+    only has to find the offset and the order of magnitude. The batches themselves are read once: one
+    fused pass x / scale - c / scale in their own dtype, or the conversion into ``dtype`` followed by
+    the same arithmetic in place; x / scale is exact, so each entry is rounded once, as (x - c) / scale
+    would be.
 
     Pairwise differences are kept to the precision of the points: unlike the raw coordinates, whose
     squares overflow near 1e154 (float64) or 1e19 (float32), fall below absolute solver tolerances
@@ -101,13 +102,18 @@ def centre_and_scale(a: torch.Tensor, b: torch.Tensor, *, separately: bool = Fal
     log_pre = math.frexp(pre)[1] - 1
     exponent = min(log_pre + math.frexp(_power_of_two_above(extent))[1] - 1, 1023)  # 1 when the points coincide
     scale = math.ldexp(1.0, exponent)
+    inv = math.ldexp(1.0, -exponent) if scaled else 1.0
     out = []
     for x, c in ((a, ca), (b, cb)):
-        x = x.to(dtype, copy=True)
-        if scaled:  # first: then nothing overflows below, and (x / scale - c / scale) rounds once
-            x.mul_(math.ldexp(1.0, -exponent))
-        if c is not None:
-            x.sub_((c * math.ldexp(1.0, log_pre - (exponent if scaled else 0))).to(dtype))
+        shift = None if c is None else (c * math.ldexp(1.0, log_pre - (exponent if scaled else 0))).to(dtype)
+        if x.dtype == dtype:  # one pass: x / scale - c / scale; x / scale is exact, the sum rounds once
+            x = x.mul(inv) if shift is None else torch.add(-shift, x, alpha=inv)
+        else:  # a conversion is faster on its own than fused with the arithmetic: then in place
+            x = x.to(dtype)
+            if scaled:  # first: then nothing overflows below, and (x / scale - c / scale) rounds once
+                x.mul_(inv)
+            if shift is not None:
+                x.sub_(shift)
         out.append(x)
     return out[0], out[1], scale
 
