@@ -214,8 +214,9 @@ def main(argv: list[str] | None = None) -> None:
               f"{'' if args.scale == 1.0 and args.offset == 0.0 else f'Points {args.offset:g} + {args.scale:g} x. '}"
               "Median wall time per call, tensors in to re-paired tensors out, methods interleaved. "
               "Cost gap: (cost - optimum) / optimum, optimum = the best of ours, POT emd and scipy "
-              "(each run with no iteration cap). Duplicates: share of torchcfm's returned pairs whose "
-              "source was already returned.\n\n")
+              "(each run with no iteration cap)"
+              f"{'' if args.scale == 1.0 and args.offset == 0.0 else ' and scipy on the untransformed x, costs on x'}"
+              ". Duplicates: share of torchcfm's returned pairs whose source was already returned.\n\n")
     if args.crossover_batch_sizes is not None:  # given, possibly empty: skip the crossover table
         cross_b = args.crossover_batch_sizes
     else:
