@@ -125,11 +125,6 @@ SCALES_AND_OFFSETS = [(1e-8, 0.0, 0.0), (1e-6, 0.0, 0.0), (1e8, 0.0, 0.0), (1.0,
 SCALE_B = 512  # above multiscale's dense base (256): its sparse column generation runs
 
 
-def test_scale_cases_run_multiscales_sparse_path():
-    assert ExactOTCoupler("auto").choose_solver(SCALE_B, SCALE_B, 2) == "multiscale"
-    assert SCALE_B > multiscale_assignment.__kwdefaults__["base"]
-
-
 @pytest.mark.parametrize("backend", EXACT_BACKENDS)
 @pytest.mark.parametrize("scale, offset0, offset1", SCALES_AND_OFFSETS, ids=str)
 def test_exact_is_optimal_at_every_scale_and_offset(backend, scale, offset0, offset1):
@@ -137,6 +132,8 @@ def test_exact_is_optimal_at_every_scale_and_offset(backend, scale, offset0, off
     (the optimal permutation does not change when a batch is translated or both are scaled): its cost
     on x, in float64, equals scipy's optimum on x to 1e-9 (the transformed points are x rounded to
     about 1e-10 relative)."""
+    assert ExactOTCoupler("auto").choose_solver(SCALE_B, SCALE_B, 2) == "multiscale", "auto covers multiscale"
+    assert SCALE_B > multiscale_assignment.__kwdefaults__["base"], "multiscale's sparse levels run"
     x0, x1 = batches((SCALE_B, 2), seed=21)
     i, j = ExactOTCoupler(backend).indices(offset0 + scale * x0, offset1 + scale * x1)
     assert torch.equal(torch.sort(j).values, torch.arange(SCALE_B))
