@@ -19,8 +19,6 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ot_cfm.couplers.exact import ExactOTCoupler
-
 __all__ = ["available_cores", "auto_workers", "auto_threads", "torch_threads", "SMALL_MODEL_WORK", "MAX_AUTO_WORKERS"]
 
 #: parameters x batch size below which a model step runs on one torch thread ("auto"); an MLP of width 256
@@ -43,14 +41,14 @@ def _start_method() -> str:
 def auto_workers(coupler, batches, cores: int | None = None) -> tuple[int, str]:
     """(number of worker processes, reason) for coupling ``batches`` (a picklable ``CoupledBatches``).
 
-    Workers only pay when coupling is CPU work that can overlap the model step: the exact coupler
-    (POT, scipy). Then min(max(2, cores - 1), cores, MAX_AUTO_WORKERS): on 2 cores two workers were
+    Workers only pay when coupling is CPU work that can overlap the model step (``coupler.solves_on_cpu``:
+    the exact coupler, POT and scipy, alone or inside each class). Then min(max(2, cores - 1), cores, MAX_AUTO_WORKERS): on 2 cores two workers were
     1.35x faster than one, the model step leaving most of its core idle. Processes that do not start by
     forking receive the samplers by pickling: when they do not pickle, or live in ``__main__`` (a notebook
     or an unguarded script, which a spawned process cannot import), no workers.
     """
     cores = available_cores() if cores is None else cores
-    if not isinstance(coupler, ExactOTCoupler):
+    if not coupler.solves_on_cpu:
         return 0, f"coupling by {type(coupler).__name__} is not CPU work that workers could overlap"
     if cores < 2:
         return 0, "one core: workers would only share it with the model step"

@@ -123,6 +123,8 @@ class Coupler(ABC):
 
     #: whether x0 and x1 must have the same batch size
     requires_equal_sizes: bool = False
+    #: whether coupling is CPU solver work (POT, scipy) that worker processes can overlap with the model step
+    solves_on_cpu: bool = False
 
     @abstractmethod
     def indices(self, x0: torch.Tensor, x1: torch.Tensor, *,

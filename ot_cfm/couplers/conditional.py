@@ -87,6 +87,11 @@ class ClassConditionalCoupler(Coupler):
             raise ValueError(f"penalty must be None (within-class coupling) or a finite number > 0, got {penalty!r}")
         self.base, self.penalty = base, None if penalty is None else float(penalty)
 
+    @property
+    def solves_on_cpu(self) -> bool:
+        """As its base coupler: the per-class solves are the base's."""
+        return self.base.solves_on_cpu
+
     def __repr__(self) -> str:
         soft = "" if self.penalty is None else f", penalty={self.penalty!r}"
         return f"{type(self).__name__}(base={self.base!r}{soft})"

@@ -151,6 +151,8 @@ class ExactOTCoupler(Coupler):
     (at most B0 + B1 - 1 entries). ``plan`` is the exact optimal plan in both cases.
     """
 
+    solves_on_cpu = True
+
     def __init__(self, backend: str = "auto") -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

@@ -5,6 +5,7 @@ import torch
 
 from ot_cfm import parallelism
 from ot_cfm.batches import CoupledBatches
+from ot_cfm.couplers.conditional import ClassConditionalCoupler
 from ot_cfm.couplers.exact import ExactOTCoupler
 from ot_cfm.couplers.independent import IndependentCoupler
 from ot_cfm.couplers.sinkhorn import SinkhornCoupler
@@ -24,10 +25,16 @@ def test_exact_coupling_gets_workers_by_core_count(cores, expected):
     assert auto_workers(ExactOTCoupler(), batches(ExactOTCoupler()), cores=cores)[0] == expected
 
 
-@pytest.mark.parametrize("coupler", [IndependentCoupler(), SinkhornCoupler(epsilon=0.1)])
+@pytest.mark.parametrize("coupler", [IndependentCoupler(), SinkhornCoupler(epsilon=0.1),
+                                     ClassConditionalCoupler(IndependentCoupler())])
 def test_couplings_that_are_not_cpu_work_get_no_workers(coupler):
     workers, reason = auto_workers(coupler, batches(coupler), cores=16)
     assert workers == 0 and type(coupler).__name__ in reason
+
+
+def test_exact_coupling_within_classes_gets_workers():
+    coupler = ClassConditionalCoupler(ExactOTCoupler())
+    assert auto_workers(coupler, batches(coupler), cores=4)[0] == 3
 
 
 def test_spawned_workers_need_samplers_they_can_import(monkeypatch):
