@@ -122,7 +122,24 @@ class SinusoidalTimeEmbedding(nn.Module):
         return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
-class MLP(nn.Module):
+class _FieldModel(nn.Module):
+    """What MLP and UNet share: ``num_classes`` (None: unconditional) and the constructor's ``_config``."""
+
+    num_classes: int | None
+    _config: dict
+
+    @property
+    def null_label(self) -> int | None:
+        """The label meaning "unconditional" (``num_classes``); None for an unconditional model."""
+        return self.num_classes
+
+    @property
+    def config(self) -> dict:
+        """The constructor's arguments plus ``kind``: ``model_from_config(model.config)`` builds the same network."""
+        return dict(self._config)
+
+
+class MLP(_FieldModel):
     """v(t, x) or v(t, x, y) for x of shape (B, *shape), flattened to (B, dim); t a float or a (B,) tensor.
 
     Architecture: [x, emb(t)(, emb(y))] -> depth x (Linear, activation) -> Linear(dim). With the defaults
@@ -167,16 +184,6 @@ class MLP(nn.Module):
             in_features = width
         layers.append(nn.Linear(in_features, dim))
         self.net = nn.Sequential(*layers)
-
-    @property
-    def null_label(self) -> int | None:
-        """The label meaning "unconditional" (``num_classes``); None for an unconditional model."""
-        return self.num_classes
-
-    @property
-    def config(self) -> dict:
-        """The constructor's arguments plus ``kind``: ``model_from_config(model.config)`` builds the same network."""
-        return dict(self._config)
 
     def forward(self, t: torch.Tensor | float, x: torch.Tensor, y: torch.Tensor | int | None = None) -> torch.Tensor:
         flat = x.reshape(x.shape[0], -1)
@@ -233,7 +240,7 @@ UNET_PRESETS: dict[str, UNetPreset] = {
 _PRESET_BY_SIZE = {p.image_size: name for name, p in UNET_PRESETS.items()}
 
 
-class UNet(nn.Module):
+class UNet(_FieldModel):
     """torchcfm's UNet (``torchcfm.models.unet.unet.UNetModel``, held as ``self.net``) under the model contract.
 
     ``model(t, x)`` or, with ``num_classes``, ``model(t, x, y)``: x (B, C, H, W) -> (B, C, H, W); t a float,
@@ -296,16 +303,6 @@ class UNet(nn.Module):
                              channel_mult=channel_mult, num_classes=None if num_classes is None else num_classes + 1,
                              num_heads=num_heads, num_head_channels=num_head_channels,
                              use_scale_shift_norm=use_scale_shift_norm)
-
-    @property
-    def null_label(self) -> int | None:
-        """The label meaning "unconditional" (``num_classes``); None for an unconditional model."""
-        return self.num_classes
-
-    @property
-    def config(self) -> dict:
-        """The constructor's arguments plus ``kind``: ``model_from_config(model.config)`` builds the same network."""
-        return dict(self._config)
 
     def forward(self, t: torch.Tensor | float, x: torch.Tensor, y: torch.Tensor | int | None = None) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or tuple(x.shape[1:]) != self.shape or x.shape[0] == 0:
