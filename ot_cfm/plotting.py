@@ -1,4 +1,4 @@
-"""Figures for 2D flows: source, generated and target samples with ODE trajectories."""
+"""Figures: 2D flows (source, generated and target samples with ODE trajectories) and image sample grids."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["plot_flow_2d", "save_figure"]
+__all__ = ["plot_flow_2d", "plot_image_grid", "image_mosaic", "save_figure"]
 
 
 def plot_flow_2d(path: str | Path, source: torch.Tensor, generated: torch.Tensor, target: torch.Tensor,
@@ -33,6 +33,61 @@ def plot_flow_2d(path: str | Path, source: torch.Tensor, generated: torch.Tensor
     for ax in axes:
         ax.set_aspect("equal")
     return save_figure(fig, path, title=title, dpi=120)
+
+
+def image_mosaic(images: torch.Tensor, columns: int, *, pad: int = 1) -> torch.Tensor:
+    """Images (N, C, H, W) in [-1, 1] tiled row by row into one (rows (H + pad) + pad, columns (W + pad) + pad, C)
+    array in [0, 1], x -> (x + 1) / 2 clamped, with ``pad`` pixels of white between and around the tiles;
+    rows = ceil(N / columns), a short last row is padded with white."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] == 0:
+        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be a non-empty batch (N, C, H, W), got {got}")
+    if isinstance(columns, bool) or not isinstance(columns, int) or columns < 1 or pad < 0:
+        raise ValueError(f"columns must be an integer >= 1 and pad >= 0, got columns={columns!r}, pad={pad!r}")
+    n, c, h, w = images.shape
+    rows = -(-n // columns)
+    x = images.detach().to("cpu", torch.float32).add(1.0).div(2.0).clamp(0.0, 1.0)
+    canvas = torch.ones(rows * (h + pad) + pad, columns * (w + pad) + pad, c)
+    for k in range(n):
+        top, left = pad + (k // columns) * (h + pad), pad + (k % columns) * (w + pad)
+        canvas[top:top + h, left:left + w] = x[k].permute(1, 2, 0)
+    return canvas
+
+
+def plot_image_grid(path: str | Path, images: torch.Tensor, *, columns: int = 8, row_labels=None,
+                    title: str = "", pad: int = 1) -> Path:
+    """Save a PNG of images (N, C, H, W) in [-1, 1] (C = 1: grey, C = 3: RGB) tiled ``columns`` to a row.
+
+    ``row_labels``: one label per row (e.g. the class each row was asked to show), written left of the
+    rows; ``title``: the figure's title (say what the samples are: run, step, solver and NFE). The figure
+    is sized to the grid and laid out so that title and labels stay inside it.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mosaic = image_mosaic(images, columns, pad=pad).numpy()
+    rows = -(-images.shape[0] // columns)
+    if row_labels is not None and len(row_labels) != rows:
+        raise ValueError(f"got {len(row_labels)} row labels for {rows} rows of {columns} images; expected one per row")
+    height, width = mosaic.shape[:2]
+    scale = 6.0 / max(height, width)  # the longer side 6 inches
+    fig, ax = plt.subplots(figsize=(max(3.5, width * scale + 1.0), height * scale + 0.9))
+    grey = mosaic.shape[2] == 1
+    ax.imshow(mosaic[..., 0] if grey else mosaic, cmap="gray" if grey else None, vmin=0.0, vmax=1.0,
+              interpolation="nearest")
+    ax.set_xticks([])
+    h = images.shape[2]
+    if row_labels is None:
+        ax.set_yticks([])
+    else:
+        ax.set_yticks([pad + r * (h + pad) + (h - 1) / 2 for r in range(rows)], [str(v) for v in row_labels])
+        ax.tick_params(axis="y", length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    fig.suptitle(title, wrap=True)  # wrapped to the figure's width, never cut off
+    return save_figure(fig, path, dpi=100)
 
 
 def save_figure(fig, path: str | Path, *, title: str | None = None, dpi: int = 100) -> Path:
