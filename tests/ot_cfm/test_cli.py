@@ -3,7 +3,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+from ot_cfm.checkpoint import read_checkpoint
 from ot_cfm.cli import main
 
 
@@ -121,3 +123,92 @@ def test_sample_max_nfe_is_passed_to_the_adaptive_solver(tmp_path, capsys):
     capsys.readouterr()
     assert main(["sample", str(out / "checkpoint.pt"), "--n", "50", "--max-nfe", "3", "--out", str(tmp_path / "s")]) == 2
     assert "max_nfe = 3" in capsys.readouterr().err
+
+
+SAMPLE_KEYS = ("x0", "x1", "labels", "nfe")
+IMAGE_KEYS = ("frechet_distance", "w2", "coverage_entropy", "least_frequent_share", "nfe")
+DIGITS = ["train", "--dataset", "digits", "--model", "mlp", "--width", "32", "--depth", "2", "--steps", "20",
+          "--batch-size", "64", "--eval-samples", "120", "--classifier-steps", "20", "--workers", "0", "--no-progress"]
+
+
+@pytest.fixture
+def classifier_cache(tmp_path, monkeypatch):
+    from ot_cfm.image_metrics import CLASSIFIER_CACHE_ENV
+
+    monkeypatch.setenv(CLASSIFIER_CACHE_ENV, str(tmp_path / "classifiers"))
+    return tmp_path / "classifiers"
+
+
+@pytest.fixture
+def grids(monkeypatch):
+    """Records the arguments of every sample grid drawn."""
+    import ot_cfm.plotting
+
+    drawn, original = [], ot_cfm.plotting.plot_image_grid
+
+    def record(path, images, **kwargs):
+        drawn.append({"path": path, "images": images, **kwargs})
+        return original(path, images, **kwargs)
+
+    monkeypatch.setattr(ot_cfm.plotting, "plot_image_grid", record)
+    return drawn
+
+
+def test_digits_run_writes_checkpoint_image_metrics_and_grids(tmp_path, classifier_cache, grids, capsys):
+    out = tmp_path / "run"
+    assert main([*DIGITS, "--eval-every", "10", "--out", str(out)]) == 0
+    metrics = strict_json(out / "metrics.json")
+    assert metrics["dataset"] == "digits" and metrics["steps"] == 20 and metrics["conditional"] is False
+    for solver in ("euler-1", "euler-2", "euler-4", "euler-8", "dopri5"):
+        for key in IMAGE_KEYS:
+            assert metrics[f"{key}/{solver}"] >= 0, f"{key}/{solver}"
+        assert f"conditional_accuracy/{solver}" not in metrics
+    assert metrics["nfe/euler-4"] == 4 and 0 < metrics["classifier_held_out_accuracy"] <= 1
+    assert list(classifier_cache.glob("classifier-*.pt"))  # the classifier went to the cache the variable names
+    for png in (out / "samples.png", out / "grids" / "step_000010.png", out / "grids" / "step_000020.png"):
+        assert png.read_bytes().startswith(b"\x89PNG"), png
+    assert [g["images"].shape for g in grids] == [(64, 1, 8, 8)] * 3 and grids[0]["row_labels"] is None
+    assert "step 10" in grids[0]["title"] and "NFE 8" in grids[0]["title"]
+    # the final grid and the last training grid share the fixed noise and the weights
+    assert torch.equal(grids[1]["images"], grids[2]["images"])
+    printed = capsys.readouterr().out
+    assert "| euler-1 | 1 |" in printed and "| dopri5 |" in printed
+
+    assert main(["sample", str(out / "checkpoint.pt"), "--n", "30", "--solver", "euler", "--steps", "2",
+                 "--out", str(tmp_path / "s")]) == 0
+    drawn = read_checkpoint(tmp_path / "s.pt", keys=SAMPLE_KEYS)
+    assert drawn["x1"].shape == (30, 1, 8, 8) and drawn["nfe"] == 2 and drawn["labels"] is None
+    assert (tmp_path / "s.png").read_bytes().startswith(b"\x89PNG") and grids[-1]["images"].shape[0] == 30
+
+
+def test_conditional_digits_run_has_one_grid_row_per_class(tmp_path, classifier_cache, grids):
+    out = tmp_path / "run"
+    assert main([*DIGITS, "--conditional", "--guidance", "2", "--out", str(out)]) == 0
+    metrics = strict_json(out / "metrics.json")
+    assert metrics["conditional"] is True and metrics["label_dropout"] == 0.1 and metrics["guidance"] == 2.0
+    for solver in ("euler-1", "euler-8", "dopri5"):
+        assert 0 <= metrics[f"conditional_accuracy/{solver}"] <= 1
+    (final,) = grids
+    assert final["row_labels"] == [str(k) for k in range(10)] and final["images"].shape == (80, 1, 8, 8)
+    assert "guidance 2" in final["title"] and (out / "samples.png").exists()
+
+    assert main(["sample", str(out / "checkpoint.pt"), "--n", "25", "--solver", "euler", "--steps", "2",
+                 "--out", str(tmp_path / "s")]) == 0
+    drawn = read_checkpoint(tmp_path / "s.pt", keys=SAMPLE_KEYS)
+    assert torch.equal(drawn["labels"], torch.arange(25) % 10)
+    # 25 samples hold at least 2 of each class: two columns, one row per class, each showing its class
+    assert grids[-1]["columns"] == 2 and grids[-1]["images"].shape[0] == 20
+    assert torch.equal(grids[-1]["images"][:2], drawn["x1"][[0, 10]])
+    assert (tmp_path / "s.png").exists()
+
+
+def test_dataset_with_toy_options_is_refused_clearly(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*DIGITS, "--source", "moons", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--source" in err and "--dataset digits" in err and "drop --source" in err
+    assert not (out / "checkpoint.pt").exists()
+    assert main(["train", *SMALL, "--conditional", "--out", str(out)]) == 2
+    assert "--conditional apply to image runs only; add --dataset" in capsys.readouterr().err
+    assert main([*DIGITS, "--guidance", "3", "--out", str(out)]) == 2
+    assert "add --conditional" in capsys.readouterr().err
