@@ -42,12 +42,15 @@ def auto_workers(coupler, batches, cores: int | None = None) -> tuple[int, str]:
     """(number of worker processes, reason) for coupling ``batches`` (a picklable ``CoupledBatches``).
 
     Workers only pay when coupling is CPU work that can overlap the model step (``coupler.solves_on_cpu``:
-    the exact coupler, POT and scipy, alone or inside each class). Then min(max(2, cores - 1), cores, MAX_AUTO_WORKERS): on 2 cores two workers were
-    1.35x faster than one, the model step leaving most of its core idle. Processes that do not start by
+    the exact coupler, POT and scipy, alone or inside each class; ``coupler`` None keeps the drawn pairs).
+    Then min(max(2, cores - 1), cores, MAX_AUTO_WORKERS): on 2 cores two workers were 1.35x faster than
+    one, the model step leaving most of its core idle. Processes that do not start by
     forking receive the samplers by pickling: when they do not pickle, or live in ``__main__`` (a notebook
     or an unguarded script, which a spawned process cannot import), no workers.
     """
     cores = available_cores() if cores is None else cores
+    if coupler is None:
+        return 0, "no coupler: the drawn pairs are kept, nothing for workers to overlap"
     if not coupler.solves_on_cpu:
         return 0, f"coupling by {type(coupler).__name__} is not CPU work that workers could overlap"
     if cores < 2:

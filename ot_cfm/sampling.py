@@ -91,8 +91,9 @@ class _GuardedSolver:
         if not bool(torch.isfinite(dt).all()) or not bool((t + dt > t).all()):
             raise IntegrationError(
                 f"{self._name!r} step size collapsed to dt = {float(dt):.3g} at t = {float(t):.6g}: it no longer "
-                f"advances t in {x.dtype}; the field likely blows up near this time or the tolerances are "
-                "too tight for this dtype")
+                f"advances t in {x.dtype}; the field likely blows up near this time, or it changes faster than "
+                f"{x.dtype} can resolve (a finite but stiff field may still solve with float64 x0 or looser "
+                "atol/rtol)")
         return self._solver.step(f, x, t, dt, k1=k1, args=args)
 
 
