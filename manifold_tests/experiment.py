@@ -34,6 +34,7 @@ from manifold_tests.report import HyperbolicityReport
 from ot_cfm.couplers.exact import ExactOTCoupler
 from ot_cfm.matcher import ConditionalFlowMatcher
 from ot_cfm.models import MLP
+from ot_cfm.parallelism import torch_threads
 from ot_cfm.plotting import save_figure
 from ot_cfm.trainer import TrainConfig, Trainer
 from proximal.discrete import DiscreteBrenierPotential
@@ -220,10 +221,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                         help="torch CPU threads (small batched kernels are fastest on one)")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
     command = " ".join(["ot-cfm manifold", *argv])
     start = time.perf_counter()
-    reports = run(args.manifold, quick=args.quick, out_dir=args.out, seed=args.seed, command=command)
+    with torch_threads(args.threads):  # restored after: `ot-cfm manifold` runs in the caller's process
+        reports = run(args.manifold, quick=args.quick, out_dir=args.out, seed=args.seed, command=command)
     for key, rep in reports.items():
         print(f"{key}: {rep.verdict(tangent_tol=0.05)}")
     print(f"wrote {args.out} in {time.perf_counter() - start:.1f} s")

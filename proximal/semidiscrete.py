@@ -42,6 +42,7 @@ from collections.abc import Callable
 import ot
 import torch
 
+from ot_cfm.parallelism import available_cores, torch_threads
 from proximal.discrete import DiscreteBrenierPotential
 
 __all__ = ["FitReport", "fit_discrete_potential", "cell_masses"]
@@ -320,11 +321,8 @@ def _as_generator(generator: torch.Generator | int | None) -> torch.Generator:
 def _auto_threads(current: int) -> int:
     """Threads for ``threads=None``: the cores that the 1-minute load average leaves idle (of those this
     process may run on), at most torch's current setting, at least one."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(current, int(cores - os.getloadavg()[0])))
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0  # not on Windows
+    return max(1, min(current, int(available_cores() - load)))
 
 
 def fit_discrete_potential(support: torch.Tensor, weights: torch.Tensor | None = None, *,
@@ -389,15 +387,11 @@ def fit_discrete_potential(support: torch.Tensor, weights: torch.Tensor | None =
         raise ValueError(f"need tol > 0, max_time > 0, max_iters >= 1; got {tol}, {max_time}, {max_iters}")
     if (batch_size is not None and batch_size < 2) or (chunk_size is not None and chunk_size < 1):
         raise ValueError(f"batch_size must be >= 2 and chunk_size >= 1 (or None), got {batch_size} and {chunk_size}")
-    previous = torch.get_num_threads()
-    used = _auto_threads(previous) if threads is None else int(threads)
-    torch.set_num_threads(used)
-    try:
+    used = _auto_threads(torch.get_num_threads()) if threads is None else int(threads)
+    with torch_threads(used):
         g, report = _solve(start_potential, source=source, tol=tol, max_time=max_time, max_iters=max_iters,
                            method=method, generator=_as_generator(generator), progress=progress, qmc=qmc,
                            batch_size=batch_size, chunk_size=chunk_size, threads=used)
-    finally:
-        torch.set_num_threads(previous)
     if not report.converged:
         warnings.warn(f"fit_discrete_potential stopped ({method}, {report.iterations} steps, {report.seconds:.1f} s) "
                       f"with TV {report.tv:.4g} > tol {tol}; the tolerance was not reached", RuntimeWarning,
