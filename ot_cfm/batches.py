@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ot_cfm.parallelism import available_cores
+from ot_cfm.validation import check_labels
 
 __all__ = ["DATA_STREAM", "batch_generator", "CoupledBatches", "coupled_batch_stream"]
 
@@ -81,9 +82,7 @@ def _check_labelled(drawn, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]
         raise ValueError(f"a target sampler returns a tensor (n, *shape) or, labelled, a pair (x, y) of tensors; "
                          f"got a {type(drawn).__name__} of {len(drawn)} items")
     x1, y1 = drawn
-    if y1.shape != (x1.shape[0],) or y1.is_floating_point() or y1.is_complex() or y1.dtype == torch.bool:
-        raise ValueError(f"a labelled target sampler must return labels y as an integer tensor of shape "
-                         f"({x1.shape[0]},), one per drawn point, got shape {tuple(y1.shape)} and dtype {y1.dtype}")
+    check_labels(y1, x1.shape[0], "the labels y of a labelled target sampler")
     if x1.shape[0] != batch_size:
         raise ValueError(f"the target sampler returned {x1.shape[0]} points; expected {batch_size}")
     return x1, y1

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ot_cfm.atomic import atomic_write
+from ot_cfm.validation import check_labels
 
 __all__ = [
     "frechet_distance", "frechet_distance_from_moments", "ClassifierConfig", "ImageClassifier",
@@ -203,13 +204,10 @@ def _check_images(images: torch.Tensor, name: str, shape: tuple | None = None) -
 
 
 def _check_labels(labels: torch.Tensor, n: int, num_classes: int | None, name: str) -> None:
-    if not isinstance(labels, torch.Tensor) or labels.shape != (n,) or labels.dtype != torch.int64:
-        desc = f"shape {tuple(labels.shape)}, dtype {labels.dtype}" if isinstance(labels, torch.Tensor) else \
-            type(labels).__name__
-        raise ValueError(f"{name}: {desc}; expected int64 class indices of shape ({n},), one per image")
-    if labels.numel() and (labels.min() < 0 or (num_classes is not None and labels.max() >= num_classes)):
-        raise ValueError(f"{name} span [{int(labels.min())}, {int(labels.max())}]; expected classes in "
-                         f"0..{'K-1' if num_classes is None else num_classes - 1}")
+    """``check_labels``, and int64 (the classifier's loss and comparisons take int64 class indices)."""
+    check_labels(labels, n, name, num_classes=num_classes)
+    if labels.dtype != torch.int64:
+        raise ValueError(f"{name} has dtype {labels.dtype}; expected int64 class indices (labels.long())")
 
 
 def _check_training_data(images: torch.Tensor, labels: torch.Tensor, num_classes: int | None) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_batch", "check_pair", "check_time", "expand_like", "as_time_tensor"]
+__all__ = ["check_batch", "check_pair", "check_labels", "check_time", "expand_like", "as_time_tensor"]
 
 
 def check_batch(x: torch.Tensor, name: str = "x", *, min_ndim: int = 2) -> torch.Tensor:
@@ -42,6 +42,18 @@ def check_pair(x0: torch.Tensor, x1: torch.Tensor, *, same_batch_size: bool = Tr
         raise ValueError(f"{names[0]} is on {x0.device} but {names[1]} is on {x1.device}; expected one device")
     if x0.dtype != x1.dtype:
         raise ValueError(f"{names[0]} has dtype {x0.dtype} but {names[1]} has {x1.dtype}; expected one dtype")
+
+
+def check_labels(y, n: int, name: str = "y", *, num_classes: int | None = None) -> torch.Tensor:
+    """Check class labels: an integer tensor of shape (n,), one per sample, >= 0 and < num_classes (when given)."""
+    if not isinstance(y, torch.Tensor) or y.shape != (n,) or y.is_floating_point() or y.is_complex() \
+            or y.dtype == torch.bool:
+        got = f"shape {tuple(y.shape)} and dtype {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ValueError(f"{name} must be an integer tensor of shape ({n},), one class label per sample, got {got}")
+    if y.numel() and (y.min() < 0 or (num_classes is not None and y.max() >= num_classes)):
+        raise ValueError(f"{name} span [{int(y.min())}, {int(y.max())}]; expected classes in "
+                         f"0..{'K-1' if num_classes is None else num_classes - 1}")
+    return y
 
 
 def as_time_tensor(t: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,7 @@ import torch
 
 from ot_cfm.couplers.base import Coupler
 from ot_cfm.couplers.exact import ExactOTCoupler
-from ot_cfm.validation import check_pair
+from ot_cfm.validation import check_labels, check_pair
 
 __all__ = ["ClassConditionalCoupler"]
 
@@ -51,11 +51,7 @@ def _check_labels(y1, x1: torch.Tensor) -> torch.Tensor:
         raise ValueError("ClassConditionalCoupler couples within classes and needs the data labels y1 (one integer "
                          "label per row of x1); use a labelled target sampler, e.g. TensorSampler(data, labels, "
                          "labelled=True), or pass y1 to pair()")
-    if not isinstance(y1, torch.Tensor) or y1.shape != (x1.shape[0],) or y1.is_floating_point() \
-            or y1.is_complex() or y1.dtype == torch.bool:
-        got = f"{tuple(y1.shape)} {y1.dtype}" if isinstance(y1, torch.Tensor) else type(y1).__name__
-        raise ValueError(f"y1 must be an integer tensor of shape ({x1.shape[0]},), one label per row of x1, got {got}")
-    return y1.to(x1.device)
+    return check_labels(y1, x1.shape[0], "y1").to(x1.device)
 
 
 class ClassConditionalCoupler(Coupler):

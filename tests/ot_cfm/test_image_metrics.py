@@ -153,8 +153,10 @@ def test_classifier_cache_loads_instead_of_training_and_retrains_a_corrupt_file(
 def test_classifier_rejects_mismatched_images(classifier):
     with pytest.raises(ValueError, match=r"images of shape \(1, 28, 28\); the classifier expects \(1, 8, 8\)"):
         classifier_accuracy(classifier, torch.zeros(4, 1, 28, 28), torch.zeros(4, dtype=torch.int64))
-    with pytest.raises(ValueError, match=r"expected int64 class indices of shape \(4,\)"):
+    with pytest.raises(ValueError, match=r"must be an integer tensor of shape \(4,\), one class label per sample"):
         classifier_accuracy(classifier, torch.zeros(4, 1, 8, 8), torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"expected int64 class indices"):
+        classifier_accuracy(classifier, torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.int32))
 
 
 # ---------------------------------------------------------------- evaluate_images on real digits
