@@ -19,6 +19,13 @@ _TEMPORARY_SUFFIX = ".tmp"
 _RANDOM_PART = r"[a-z0-9_]{8}"  # tempfile.mkstemp's names: prefix + 8 of [a-z0-9_] + suffix
 
 
+def _umask() -> int:
+    """The process's file-creation mask (read by setting it and putting it back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable, *, binary: bool = False) -> None:
     """Call ``write(file)`` on a temporary file in ``path``'s folder, flush it to disk, then rename it to ``path``.
 
@@ -36,7 +43,7 @@ def atomic_write(path: str | os.PathLike, write: Callable, *, binary: bool = Fal
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results and checkpoints are meant to be shared
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600: give the mode a plain open() would
         os.replace(tmp, path)
     except OSError as err:
         Path(tmp).unlink(missing_ok=True)
