@@ -319,9 +319,13 @@ def _train_images(args) -> int:
     run = f"{out.name}: {data.name}, {'conditional, ' if args.conditional else ''}{args.coupler} coupler"
 
     def grid_during_training(sampling_model, step: int) -> dict:
+        """Every --eval-every steps: the grid, and the image metrics at Euler NFE ``GRID_NFE`` for the log."""
         _write_grid(out / GRIDS_FOLDER / f"step_{step:06d}.png", sampling_model, data.shape, num_classes,
                     data.class_names, guidance, args.seed, f"{run}, step {step}")
-        return {}
+        quality, _ = _evaluate_images(sampling_model, data, classifier, n=args.eval_samples,
+                                      conditional=args.conditional, guidance=guidance, seed=args.seed,
+                                      adaptive=False, euler_nfes=(GRID_NFE,))
+        return quality
 
     trainer = Trainer(model, matcher, gaussian_sampler(data.shape), data.train_sampler(labelled=args.conditional),
                       config, evaluate=grid_during_training if args.eval_every else None, metadata=meta)
@@ -475,8 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="conditional runs: classifier-free guidance scale of the evaluation and grids (1.0: the "
                             "conditional field, 0: the unconditional one)")
     train.add_argument("--eval-every", type=int, default=0,
-                       help="image runs: write a sample grid of the fixed grid noise to grids/step_XXXXXX.png every "
-                            "this many steps (0: only samples.png at the end)")
+                       help="image runs: every this many steps write a sample grid of the fixed grid noise to "
+                            "grids/step_XXXXXX.png and log the image metrics at Euler NFE 8 to metrics.jsonl (0: only "
+                            "samples.png and metrics.json at the end)")
     train.add_argument("--classifier-steps", type=int, default=None,
                        help="image runs: training steps of the feature classifier of the image metrics (1000 when "
                             "not given; cached by content hash in $OT_CFM_CLASSIFIER_CACHE or "

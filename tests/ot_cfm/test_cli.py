@@ -169,6 +169,10 @@ def test_digits_run_writes_checkpoint_image_metrics_and_grids(tmp_path, classifi
         assert png.read_bytes().startswith(b"\x89PNG"), png
     assert [g["images"].shape for g in grids] == [(64, 1, 8, 8)] * 3 and grids[0]["row_labels"] is None
     assert "step 10" in grids[0]["title"] and "NFE 8" in grids[0]["title"]
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [row for row in logged if "frechet_distance/euler-8" in row]
+    assert [row["step"] for row in evaluated] == [10, 20]
+    assert evaluated[-1]["frechet_distance/euler-8"] == pytest.approx(metrics["frechet_distance/euler-8"])
     # the final grid and the last training grid share the fixed noise and the weights
     assert torch.equal(grids[1]["images"], grids[2]["images"])
     printed = capsys.readouterr().out
