@@ -34,6 +34,9 @@ GRIDS_FOLDER = "grids"    # grids during training: grids/step_XXXXXX.png
 IMAGE_EMA_DECAY = 0.999   # --ema-decay of image runs when not given
 EVAL_CHUNK = 500          # images sampled per model call during evaluation and sampling
 PIXEL_W2_POINTS = 1000    # pixel W2: at most this many generated and held-out images
+FID_SKIPPED = ("FID in Inception features skipped: no --inception-weights given. Give torch-fidelity's InceptionV3 "
+               "FID weights (weights-inception-2015-12-05-6726825d.pth, a local file: nothing is downloaded) with "
+               "--inception-weights PATH; needs pip install torch-fidelity")
 # Commands whose options belong to an experiment module: everything after the name is handed over.
 EXPERIMENTS = {
     ("manifold",): ("manifold_tests.experiment", "terminal normal hyperbolicity of exact, learned and empirical fields"),
@@ -107,7 +110,8 @@ def _image_only_options(args) -> list[str]:
     given = [("--model unet", args.model == "unet"), ("--conditional", args.conditional),
              ("--label-dropout", args.label_dropout is not None), ("--guidance", args.guidance is not None),
              ("--data-dir", args.data_dir is not None), ("--eval-every", args.eval_every != 0),
-             ("--classifier-steps", args.classifier_steps is not None)]
+             ("--classifier-steps", args.classifier_steps is not None),
+             ("--inception-weights", args.inception_weights is not None)]
     return [flag for flag, present in given if present]
 
 
@@ -228,12 +232,15 @@ def _write_grid(path: Path, model, shape: tuple, num_classes: int | None, class_
 
 
 def _evaluate_images(model, data, classifier, *, n: int, conditional: bool, guidance: float, seed: int,
-                     adaptive: bool = True, euler_nfes=IMAGE_EULER_NFES) -> tuple[dict, list[dict]]:
+                     adaptive: bool = True, euler_nfes=IMAGE_EULER_NFES,
+                     inception_weights: str | None = None) -> tuple[dict, list[dict]]:
     """Image metrics of ``model`` at each solver setting, on fixed noise (``seed``) against the held-out images.
 
     Returns (metrics keyed "<metric>/<solver>", table rows). Conditional samples request the labels
-    arange(K) repeated, and their classifier accuracy is reported.
+    arange(K) repeated, and their classifier accuracy is reported. With ``inception_weights`` the FID in
+    InceptionV3 features is added ("fid/<solver>").
     """
+    from ot_cfm import image_metrics
     from ot_cfm.image_metrics import evaluate_images
     from ot_cfm.metrics import wasserstein2
     from ot_cfm.sampling import IntegrationError
@@ -255,6 +262,8 @@ def _evaluate_images(model, data, classifier, *, n: int, conditional: bool, guid
         quality = evaluate_images(images, held_out, classifier, requested_labels=labels)
         w2 = wasserstein2(images[:PIXEL_W2_POINTS], held_out[:PIXEL_W2_POINTS])
         row = {"nfe": float(nfe), "w2": w2, **quality.as_dict()}
+        if inception_weights is not None:
+            row["fid"] = image_metrics.inception_fid(images, held_out, inception_weights=inception_weights).value
         metrics.update({f"{k}/{name}": v for k, v in row.items()})
         rows.append({"solver": name, **row})
     return metrics, rows
@@ -262,13 +271,15 @@ def _evaluate_images(model, data, classifier, *, n: int, conditional: bool, guid
 
 def _image_table(rows: list[dict]) -> str:
     conditional = any("conditional_accuracy" in r for r in rows)
+    fid = any("fid" in r for r in rows)
     head = "| solver | NFE | Fréchet distance | pixel W2 | coverage entropy | least class share |"
-    lines = [head + (" conditional accuracy |" if conditional else ""),
-             "|" + " --- |" * (6 + conditional)]
+    lines = [head + (" conditional accuracy |" if conditional else "") + (" FID |" if fid else ""),
+             "|" + " --- |" * (6 + conditional + fid)]
     for r in rows:
         line = (f"| {r['solver']} | {r['nfe']:g} | {r['frechet_distance']:.3f} | {r['w2']:.3f} | "
                 f"{r['coverage_entropy']:.3f} | {r['least_frequent_share']:.3f} |")
-        lines.append(line + (f" {r['conditional_accuracy']:.3f} |" if conditional else ""))
+        line += f" {r['conditional_accuracy']:.3f} |" if conditional else ""
+        lines.append(line + (f" {r['fid']:.3f} |" if fid else ""))
     return "\n".join(lines)
 
 
@@ -293,6 +304,9 @@ def _train_images(args) -> int:
         raise ValueError("--label-dropout and --guidance apply to class-conditional runs: add --conditional")
     label_dropout = (0.1 if args.conditional else 0.0) if args.label_dropout is None else args.label_dropout
     ema_decay = IMAGE_EMA_DECAY if args.ema_decay is None else args.ema_decay
+    if args.inception_weights is not None and not Path(args.inception_weights).is_file():
+        raise ValueError(f"--inception-weights {args.inception_weights}: no such file; expected torch-fidelity's "
+                         "InceptionV3 FID weights (weights-inception-2015-12-05-6726825d.pth); nothing is downloaded")
     out = Path(args.out)
     data = load_image_dataset(args.dataset, root=args.data_dir)
     num_classes = data.num_classes if args.conditional else None
@@ -345,7 +359,8 @@ def _train_images(args) -> int:
         threads = args.threads or auto_threads(sampling_model, min(args.eval_samples, EVAL_CHUNK), workers=0)
         with torch_threads(threads):
             quality, rows = _evaluate_images(sampling_model, data, classifier, n=args.eval_samples,
-                                             conditional=args.conditional, guidance=guidance, seed=args.seed)
+                                             conditional=args.conditional, guidance=guidance, seed=args.seed,
+                                             inception_weights=args.inception_weights)
             figure = _write_grid(out / "samples.png", sampling_model, data.shape, num_classes, data.class_names,
                                  guidance, args.seed, f"{run}, step {result.step}")
         metrics = {"dataset": data.name, "shape": list(data.shape), "model": model.config["kind"],
@@ -363,6 +378,8 @@ def _train_images(args) -> int:
     print(_image_table(rows))
     print(f"classifier accuracy on held-out images: {metrics['classifier_held_out_accuracy']:.3f} (Fréchet distances "
           "are in its feature space)")
+    if args.inception_weights is None and data.shape[0] == 3:
+        print(FID_SKIPPED)
     print(f"wrote {out / CHECKPOINT_NAME}, {out / METRICS_JSON}, {figure}")
     return 0
 
@@ -482,6 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="image runs: every this many steps write a sample grid of the fixed grid noise to "
                             "grids/step_XXXXXX.png and log the image metrics at Euler NFE 8 to metrics.jsonl (0: only "
                             "samples.png and metrics.json at the end)")
+    train.add_argument("--inception-weights", default=None, metavar="PATH",
+                       help="image runs: torch-fidelity's InceptionV3 FID weights file; adds the FID at each solver "
+                            "setting (needs torch-fidelity; for RGB data such as CIFAR-10)")
     train.add_argument("--classifier-steps", type=int, default=None,
                        help="image runs: training steps of the feature classifier of the image metrics (1000 when "
                             "not given; cached by content hash in $OT_CFM_CLASSIFIER_CACHE or "

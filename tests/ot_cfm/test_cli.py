@@ -216,3 +216,26 @@ def test_dataset_with_toy_options_is_refused_clearly(tmp_path, capsys):
     assert "--conditional apply to image runs only; add --dataset" in capsys.readouterr().err
     assert main([*DIGITS, "--guidance", "3", "--out", str(out)]) == 2
     assert "add --conditional" in capsys.readouterr().err
+
+
+def test_inception_weights_add_the_fid_at_each_solver(tmp_path, classifier_cache, monkeypatch, capsys):
+    import ot_cfm.image_metrics as image_metrics
+
+    weights = tmp_path / "inception.pth"
+    assert main([*DIGITS, "--inception-weights", str(weights), "--out", str(tmp_path / "none")]) == 2
+    assert f"--inception-weights {weights}: no such file" in capsys.readouterr().err
+
+    weights.write_bytes(b"stands for the weights")
+    calls = []
+
+    def fid(generated, reference, *, inception_weights):  # the FID itself is tested in test_image_metrics
+        calls.append((generated.shape, reference.shape, inception_weights))
+        return image_metrics.InceptionFID(float(len(calls)), "FID", generated.shape[0], reference.shape[0])
+
+    monkeypatch.setattr(image_metrics, "inception_fid", fid)
+    out = tmp_path / "run"
+    assert main([*DIGITS, "--inception-weights", str(weights), "--out", str(out)]) == 0
+    metrics = strict_json(out / "metrics.json")
+    assert [metrics[f"fid/{s}"] for s in ("euler-1", "euler-2", "euler-4", "euler-8", "dopri5")] == [1, 2, 3, 4, 5]
+    assert calls[0] == ((120, 1, 8, 8), (359, 1, 8, 8), str(weights))  # every generated image, the held-out set
+    assert "| FID |" in capsys.readouterr().out
