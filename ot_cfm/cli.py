@@ -465,6 +465,13 @@ def _threads(text: str) -> int | None:
     raise argparse.ArgumentTypeError(f"expected 'auto' or an integer >= 1, got {text!r}")
 
 
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except None: those options say in their help what not giving them means."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ot_cfm.data import TOY_DATASETS
     from ot_cfm.image_data import IMAGE_DATASETS
@@ -474,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a 2D toy flow or, with --dataset, an image flow; evaluate at several "
-                                         "NFE, save a figure", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                         "NFE, save a figure", formatter_class=_HelpWithDefaults)
     train.add_argument("--source", choices=TOY_DATASETS, default=None,
                        help=f"source distribution of a toy run ({TOY_DEFAULTS['source']} when not given)")
     train.add_argument("--target", choices=TOY_DATASETS, default=None,
@@ -543,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     smp = sub.add_parser("sample", help="sample from a checkpoint written by `ot-cfm train`",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                         formatter_class=_HelpWithDefaults)
     smp.add_argument("checkpoint", help="checkpoint.pt written by `ot-cfm train`")
     smp.add_argument("--n", type=int, default=2000, help="samples to draw")
     smp.add_argument("--solver", choices=("euler", "midpoint", "rk4", "dopri5", "tsit5"), default="dopri5")
