@@ -500,8 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--label-dropout", type=float, default=None,
                        help="conditional runs: probability of training on the null label (0.1 when not given)")
     train.add_argument("--guidance", type=float, default=None,
-                       help="conditional runs: classifier-free guidance scale of the evaluation and grids (1.0 when not "
-                            "given: the conditional field; 0: the unconditional one)")
+                       help="conditional runs: classifier-free guidance scale of the evaluation and grids (1.0 when "
+                            "not given: the conditional field; 0: the unconditional one)")
     train.add_argument("--eval-every", type=int, default=0,
                        help="image runs: every this many steps write a sample grid of the fixed grid noise to "
                             "grids/step_XXXXXX.png and log the image metrics at Euler NFE 8 to metrics.jsonl (0: only "

@@ -241,3 +241,23 @@ def test_inception_weights_add_the_fid_at_each_solver(tmp_path, classifier_cache
     assert [metrics[f"fid/{s}"] for s in ("euler-1", "euler-2", "euler-4", "euler-8", "dopri5")] == [1, 2, 3, 4, 5]
     assert calls[0] == ((120, 1, 8, 8), (359, 1, 8, 8), str(weights))  # every generated image, the held-out set
     assert "| FID |" in capsys.readouterr().out
+
+
+def test_adaptive_solver_failure_leaves_null_metrics_and_says_why(tmp_path, classifier_cache, monkeypatch, capsys):
+    import ot_cfm.sampling as sampling
+
+    original = sampling.sample
+
+    def stiff(field, x0, *, solver, **kwargs):
+        if solver == "dopri5":
+            raise sampling.IntegrationError("more than max_nfe = 1000 field evaluations")
+        return original(field, x0, solver=solver, **kwargs)
+
+    monkeypatch.setattr(sampling, "sample", stiff)
+    out = tmp_path / "run"
+    assert main([*DIGITS, "--out", str(out)]) == 0
+    metrics = strict_json(out / "metrics.json")
+    assert metrics["frechet_distance/dopri5"] is None and metrics["nfe/dopri5"] is None
+    assert metrics["frechet_distance/euler-8"] >= 0
+    printed = capsys.readouterr().out
+    assert "dopri5: no samples (more than max_nfe = 1000" in printed and "| dopri5 |" not in printed
