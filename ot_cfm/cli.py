@@ -33,6 +33,7 @@ GRID_NFE = 8              # Euler steps of the sample grids (fixed, so frames of
 GRIDS_FOLDER = "grids"    # grids during training: grids/step_XXXXXX.png
 IMAGE_EMA_DECAY = 0.999   # --ema-decay of image runs when not given
 EVAL_CHUNK = 500          # images sampled per model call during evaluation and sampling
+PLOTTED_PATHS = 300       # trajectories drawn by `sample`'s 2D figure
 PIXEL_W2_POINTS = 1000    # pixel W2: at most this many generated and held-out images
 FID_SKIPPED = ("FID in Inception features skipped: no --inception-weights given. Give torch-fidelity's InceptionV3 "
                "FID weights (weights-inception-2015-12-05-6726825d.pth, a local file: nothing is downloaded) with "
@@ -437,13 +438,17 @@ def cmd_sample(args) -> int:
     g = torch.Generator().manual_seed(args.seed)
     x0 = toy_sampler(meta["source"])(args.n, g)
     steps = None if args.solver in ("dopri5", "tsit5") else args.steps
-    out = sample(model, x0, solver=args.solver, steps=steps, return_trajectory=True,
-                 **({"max_nfe": args.max_nfe} if steps is None else {}))
+    options = dict(solver=args.solver, steps=steps, **({"max_nfe": args.max_nfe} if steps is None else {}))
+    out = sample(model, x0, **options)  # the samples and their NFE: no stops at plotting times
+    # The figure's paths, solved again for the points it draws; an adaptive solver also stops at their times.
+    paths = sample(model, x0[:PLOTTED_PATHS], return_trajectory=True, **options)
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"x0": x0, "x1": out.x, "nfe": out.nfe}, path.with_suffix(".pt"))
-    plot_flow_2d(path.with_suffix(".png"), x0, out.x, toy_sampler(meta["target"])(args.n, g), out.trajectory,
-                 title=f"{args.solver}, NFE {out.nfe}")
+    plot_flow_2d(path.with_suffix(".png"), x0[:PLOTTED_PATHS], out.x, toy_sampler(meta["target"])(args.n, g),
+                 paths.trajectory, max_paths=PLOTTED_PATHS,
+                 title=f"{Path(args.checkpoint).parent.name}: {meta['source']} -> {meta['target']}, "
+                       f"{args.solver}, NFE {out.nfe}")
     print(f"sampled {args.n} points with {args.solver} (NFE {out.nfe}); wrote {path.with_suffix('.pt')} "
           f"and {path.with_suffix('.png')}")
     return 0

@@ -261,3 +261,18 @@ def test_adaptive_solver_failure_leaves_null_metrics_and_says_why(tmp_path, clas
     assert metrics["frechet_distance/euler-8"] >= 0
     printed = capsys.readouterr().out
     assert "dopri5: no samples (more than max_nfe = 1000" in printed and "| dopri5 |" not in printed
+
+
+def test_sample_reports_the_nfe_of_the_solve_not_of_the_plotted_paths(tmp_path, capsys):
+    from ot_cfm.cli import _load_sampling_model
+    from ot_cfm.data import toy_sampler
+    from ot_cfm.sampling import sample
+
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, "--out", str(out)]) == 0
+    assert main(["sample", str(out / "checkpoint.pt"), "--n", "100", "--out", str(tmp_path / "s")]) == 0
+    saved = torch.load(tmp_path / "s.pt", weights_only=True)
+    model, meta = _load_sampling_model(out / "checkpoint.pt")
+    direct = sample(model, toy_sampler(meta["source"])(100, torch.Generator().manual_seed(0)), solver="dopri5")
+    assert saved["nfe"] == direct.nfe and torch.allclose(saved["x1"], direct.x)
+    assert f"NFE {direct.nfe})" in capsys.readouterr().out
