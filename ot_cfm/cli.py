@@ -116,6 +116,21 @@ def _image_only_options(args) -> list[str]:
     return [flag for flag, present in given if present]
 
 
+def _finished_earlier(result, out: Path, steps: int) -> bool:
+    """Print what ``fit`` did; True when the run had finished before this call and its metrics are valid
+    (nothing left to do), False when it trained or its metrics must be written again."""
+    if result.steps_trained:
+        print(f"trained {result.steps_trained} steps (to step {result.step}) in {result.seconds:.1f} s with "
+              f"{_count(result.workers, 'worker')} and {_count(result.threads, 'torch thread')}; "
+              f"final loss {result.loss:.4f}")
+        return False
+    print(f"the run in {out} had already finished at step {result.step} (--steps {steps}): nothing to train")
+    if _read_metrics(out / METRICS_JSON) is None:
+        return False
+    print(f"its metrics are in {out / METRICS_JSON}")
+    return True
+
+
 def cmd_train(args) -> int:
     if args.dataset is not None:
         return _train_images(args)
@@ -154,16 +169,8 @@ def _train_toy(args) -> int:
     # the folder is held from the checkpoint's load to the figure, so no other run writes between
     with claim_run_folder(out, outputs=(METRICS_JSON,)):
         result = trainer.fit(resume=args.resume)
-        if result.steps_trained == 0:
-            print(f"the run in {out} had already finished at step {result.step} (--steps {args.steps}): "
-                  f"nothing to train")
-            if _read_metrics(out / METRICS_JSON) is not None:
-                print(f"its metrics are in {out / METRICS_JSON}")
-                return 0
-        else:
-            print(f"trained {result.steps_trained} steps (to step {result.step}) in {result.seconds:.1f} s with "
-                  f"{_count(result.workers, 'worker')} and {_count(result.threads, 'torch thread')}; "
-                  f"final loss {result.loss:.4f}")
+        if _finished_earlier(result, out, args.steps):
+            return 0
 
         threads = args.threads or auto_threads(trainer.sampling_model, args.eval_samples, workers=0)
         with torch_threads(threads):
@@ -346,16 +353,8 @@ def _train_images(args) -> int:
                       config, evaluate=grid_during_training if args.eval_every else None, metadata=meta)
     with claim_run_folder(out, outputs=(METRICS_JSON,)):
         result = trainer.fit(resume=args.resume)
-        if result.steps_trained == 0:
-            print(f"the run in {out} had already finished at step {result.step} (--steps {args.steps}): "
-                  f"nothing to train")
-            if _read_metrics(out / METRICS_JSON) is not None:
-                print(f"its metrics are in {out / METRICS_JSON}")
-                return 0
-        else:
-            print(f"trained {result.steps_trained} steps (to step {result.step}) in {result.seconds:.1f} s with "
-                  f"{_count(result.workers, 'worker')} and {_count(result.threads, 'torch thread')}; "
-                  f"final loss {result.loss:.4f}")
+        if _finished_earlier(result, out, args.steps):
+            return 0
         sampling_model = trainer.sampling_model.eval()
         threads = args.threads or auto_threads(sampling_model, min(args.eval_samples, EVAL_CHUNK), workers=0)
         with torch_threads(threads):
