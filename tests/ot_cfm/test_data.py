@@ -9,10 +9,11 @@ from __future__ import annotations
 import math
 from itertools import product
 
+import numpy as np
 import pytest
 import torch
 
-from ot_cfm.data import TOY_DATASETS, TensorSampler, gaussian_sampler, sample_toy, toy_sampler
+from ot_cfm.data import TOY_DATASETS, TensorSampler, gaussian_sampler, load_array_dataset, sample_toy, toy_sampler
 
 N = 100_000
 EIGHT_GAUSSIANS_VAR = 0.1**0.5  # per-coordinate variance: cluster std 0.1 ** 0.25, squared
@@ -232,3 +233,88 @@ def test_tensor_sampler_seeding_and_bad_input():
         TensorSampler(torch.zeros(0, 3))
     with pytest.raises(ValueError, match="differ in length"):
         TensorSampler(data, torch.arange(5))
+
+
+# ---------------------------------------------------------------- load_array_dataset: rows (N, d) of a file
+
+
+def rows_of(ds):
+    """Every row of both splits, as a set of tuples, with its label when there are labels."""
+    pairs = [(ds.train, ds.train_labels), (ds.held_out, ds.held_out_labels)]
+    return sorted(tuple(r.tolist()) + (() if y is None else (int(y[i]),)) for x, y in pairs for i, r in enumerate(x))
+
+
+ARRAY = np.arange(30, dtype=np.float64).reshape(10, 3) * [1.0, -2.0, 0.5]  # row r: (3r, -2(3r+1), (3r+2)/2)
+LABELS = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+
+
+def test_array_dataset_reads_npy_npz_and_csv_with_labels(tmp_path):
+    expected = sorted(tuple(r) + (int(y),) for r, y in zip(ARRAY.tolist(), LABELS))
+    np.savez(tmp_path / "a.npz", x=ARRAY, y=LABELS)
+    np.savez(tmp_path / "b.npz", features=ARRAY.astype(np.float32), labels=LABELS)  # the only other array
+    table = np.column_stack([ARRAY[:, :1], LABELS, ARRAY[:, 1:]])  # the label column in the middle
+    np.savetxt(tmp_path / "h.csv", table, delimiter=",", header="u,kind,v,w", comments="")
+    np.savetxt(tmp_path / "n.csv", table, delimiter=",")
+    for name, column in (("a.npz", None), ("b.npz", None), ("h.csv", "kind"), ("n.csv", 1), ("n.csv", "-3")):
+        ds = load_array_dataset(tmp_path / name, labels=column)
+        assert ds.name == name and ds.dim == 3 and ds.num_classes == 3, name
+        assert ds.train.dtype == torch.float32 and ds.train_labels.dtype == torch.int64
+        assert (ds.train.shape[0], ds.held_out.shape[0]) == (8, 2), name
+        assert rows_of(ds) == expected, name
+        assert ds.mean is None and ds.std is None
+    np.save(tmp_path / "i.npy", np.arange(12).reshape(6, 2))  # integers are read as numbers
+    ds = load_array_dataset(tmp_path / "i.npy", held_out_fraction=0.5)
+    assert ds.train_labels is None and ds.num_classes is None
+    assert rows_of(ds) == [(float(2 * r), float(2 * r + 1)) for r in range(6)]
+
+
+def test_array_dataset_split_is_disjoint_and_seeded(tmp_path):
+    np.save(tmp_path / "a.npy", ARRAY)
+    a, b = (load_array_dataset(tmp_path / "a.npy", seed=3) for _ in range(2))
+    assert torch.equal(a.train, b.train) and torch.equal(a.held_out, b.held_out)
+    train, held = {tuple(r.tolist()) for r in a.train}, {tuple(r.tolist()) for r in a.held_out}
+    assert not train & held and len(train | held) == 10
+    others = [load_array_dataset(tmp_path / "a.npy", seed=s).held_out for s in range(4, 10)]
+    assert any(not torch.equal(o, a.held_out) for o in others), "the split does not depend on the seed"
+
+
+def test_array_dataset_standardisation_is_exact_and_reversible(tmp_path):
+    data = np.column_stack([ARRAY, np.full(10, 7.0)])  # a constant column keeps std 1
+    np.save(tmp_path / "a.npy", data)
+    ds = load_array_dataset(tmp_path / "a.npy", standardize=True)
+    every = torch.cat([ds.train, ds.held_out]).double()
+    torch.testing.assert_close(every.mean(0), torch.zeros(4, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(every.std(0, correction=0), torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=torch.float64),
+                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(ds.mean, torch.tensor(data.mean(0), dtype=torch.float32))
+    torch.testing.assert_close(ds.std, torch.tensor([*data.std(0)[:3], 1.0], dtype=torch.float32))
+    back = ds.to_original_units(torch.cat([ds.train, ds.held_out]))
+    assert sorted(tuple(round(v, 4) for v in r) for r in back.tolist()) == [tuple(r) for r in data.tolist()]
+
+
+@pytest.mark.parametrize("write, options, message", [
+    (None, {}, "does not exist"),
+    (lambda p: np.save(p, np.zeros(5)), {}, r"shape \(5,\); expected a 2D array"),
+    (lambda p: np.save(p, np.zeros((1, 3))), {}, "at least 2 rows"),
+    (lambda p: np.save(p, np.array([[1.0, 2.0], [np.nan, 0.0]])), {}, "row 1 holds NaN or inf"),
+    (lambda p: np.save(p, np.array([[1.0, 2.0], [np.inf, 0.0]])), {}, "NaN or inf"),
+    (lambda p: np.save(p, np.array([["a", "b"], ["c", "d"]])), {}, "expected numbers"),
+    (lambda p: p.with_suffix(".csv").write_text("a,b\n1,2\n3,x\n"), {}, "line 3, column 2: 'x' is not a number"),
+    (lambda p: p.with_suffix(".csv").write_text("1,2,0.5\n3,4,1\n"), {"labels": 2}, "labels are not integers"),
+    (lambda p: p.with_suffix(".csv").write_text("1,2,-1\n3,4,1\n"), {"labels": 2}, "expected class indices >= 0"),
+    (lambda p: p.with_suffix(".csv").write_text("a,b\n1,2\n3,4\n"), {"labels": "c"}, "no column named 'c'"),
+    (lambda p: np.savez(p.with_suffix(".npz"), x=np.zeros((4, 2)), y=np.arange(3)), {}, r"expected one per row"),
+    (lambda p: np.savez(p.with_suffix(".npz"), x=np.zeros((4, 2)), y=np.full(4, 0.5)), {}, "not integers"),
+    (lambda p: np.savez(p.with_suffix(".npz"), p=np.zeros((4, 2)), q=np.zeros((4, 2))), {}, "under 'x' or 'data'"),
+    (lambda p: np.save(p, np.zeros((4, 2))), {"labels": "y"}, "holds one array and no labels"),
+    (lambda p: p.with_suffix(".txt").write_text("1,2\n"), {}, "expected one of .npy, .npz, .csv"),
+    (lambda p: p.write_bytes(b"not an array"), {}, "not a readable .npy / .npz"),
+])
+def test_array_dataset_errors_name_the_file(tmp_path, write, options, message):
+    path = tmp_path / "bad.npy"
+    if write is not None:
+        write(path)
+        path = next(tmp_path.iterdir())
+    with pytest.raises((ValueError, FileNotFoundError), match=message) as info:
+        load_array_dataset(path, **options)
+    assert str(path) in str(info.value)
