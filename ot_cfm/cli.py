@@ -1,9 +1,11 @@
 """The ``ot-cfm`` command line: train, sample, and the experiments (manifold, batch-size).
 
-``ot-cfm train`` trains on a 2D toy pair (``--source``/``--target``) or, with ``--dataset``, on images
-(source N(0, I) of the image shape; optionally class-conditional), evaluates the sampling weights at
-several NFE and writes a checkpoint, ``metrics.json`` and a figure (a scatter or a sample grid).
-``ot-cfm sample`` draws from such a checkpoint.
+``ot-cfm train`` trains on a 2D toy pair (``--source``/``--target``), with ``--data`` on the rows (N, d) of
+a .npy / .npz / .csv file (source N(0, I) in d dimensions; optionally class-conditional) or, with
+``--dataset``, on images (source N(0, I) of the image shape; optionally class-conditional), evaluates
+the sampling weights at several NFE (``--data``: against its held-out rows) and writes a checkpoint,
+``metrics.json`` and a figure (a scatter or a sample grid). ``ot-cfm sample`` draws from such a
+checkpoint (``--data`` runs: in the file's units, undoing ``--standardize``).
 """
 
 from __future__ import annotations
@@ -67,7 +69,9 @@ def _load_sampling_model(checkpoint: Path):
     state = read_checkpoint(checkpoint)  # refuses files that would run code, names the file on any fault
     meta = state["metadata"]
     images = isinstance(meta, dict) and "dataset" in meta
-    needed = ("model", "dataset", "shape", "conditional") if images else ("model", "source", "target")
+    arrays = isinstance(meta, dict) and "data" in meta
+    needed = (("model", "dataset", "shape", "conditional") if images else
+              ("model", "data", "dim", "conditional", "mean", "std") if arrays else ("model", "source", "target"))
     missing = [k for k in needed if not isinstance(meta, dict) or k not in meta]
     if missing:
         raise ValueError(f"{checkpoint} lacks {missing} in its metadata (the model's description and the data's "
@@ -131,13 +135,25 @@ def _finished_earlier(result, out: Path, steps: int) -> bool:
     return True
 
 
+def _array_only_options(args) -> list[str]:
+    """The options of --data runs given to another run."""
+    return [flag for flag, present in (("--label-column", args.label_column is not None),
+                                       ("--standardize", args.standardize)) if present]
+
+
 def cmd_train(args) -> int:
+    if args.data is not None:
+        return _train_array(args)
+    array_only = _array_only_options(args)
+    if array_only:
+        raise ValueError(f"only --data runs take {', '.join(array_only)}: add --data FILE or drop them")
     if args.dataset is not None:
         return _train_images(args)
     image_only = _image_only_options(args)
     if image_only:
         raise ValueError(f"{', '.join(image_only)} apply to image runs only; add --dataset "
-                         "{digits,mnist,cifar10,npy,folder} or drop them for a toy run")
+                         "{digits,mnist,cifar10,npy,folder} (or --data FILE: it takes --conditional, --label-dropout "
+                         "and --guidance) or drop them for a toy run")
     for name, default in TOY_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
@@ -188,6 +204,140 @@ def _train_toy(args) -> int:
                               title=f"{args.source} -> {args.target}, {args.coupler} coupler, {result.step} steps")
     print(quality.to_markdown())
     print(f"wrote {out / CHECKPOINT_NAME}, {out / METRICS_JSON}, {figure}")
+    return 0
+
+
+# ---------------------------------------------------------------- rows (N, d) of a file
+
+def _train_array(args) -> int:
+    from ot_cfm.couplers.conditional import ClassConditionalCoupler
+    from ot_cfm.data import gaussian_sampler, load_array_dataset
+    from ot_cfm.evaluation import evaluate_samples
+    from ot_cfm.matcher import ConditionalFlowMatcher
+    from ot_cfm.models import MLP, guided_field
+    from ot_cfm.plotting import plot_flow_2d
+    from ot_cfm.trainer import CHECKPOINT_NAME, TrainConfig, Trainer
+
+    clashing = [f"--{name}" for name in ("dataset", *TOY_DEFAULTS) if getattr(args, name) is not None]
+    clashing += [flag for flag in _image_only_options(args) if flag not in ("--conditional", "--label-dropout",
+                                                                             "--guidance")]
+    if clashing:
+        raise ValueError(f"--data trains on the rows of {args.data} (source N(0, I) in their dimension) and cannot "
+                         f"be combined with {', '.join(clashing)}: drop them")
+    data = load_array_dataset(args.data, labels=args.label_column, standardize=args.standardize, seed=args.seed)
+    if args.conditional and data.num_classes is None:
+        raise ValueError(f"--conditional needs labels: {args.data} has none; name the label column (.csv) or key "
+                         "(.npz) with --label-column")
+    guidance = 1.0 if args.guidance is None else args.guidance
+    if not math.isfinite(guidance):
+        raise ValueError(f"--guidance must be a finite number, got {guidance}")
+    if not args.conditional and (args.label_dropout or guidance != 1.0):
+        raise ValueError("--label-dropout and --guidance apply to class-conditional runs: add --conditional")
+    label_dropout = (0.1 if args.conditional else 0.0) if args.label_dropout is None else args.label_dropout
+    num_classes = data.num_classes if args.conditional else None
+    out = Path(args.out)
+    torch.manual_seed(args.seed)  # model initialisation
+    model = MLP(data.dim, width=args.width, depth=args.depth, activation=args.activation,
+                time_embedding=args.time_embedding, num_classes=num_classes)
+    coupler = _make_coupler(args.coupler, args.epsilon)
+    if args.conditional:
+        coupler = ClassConditionalCoupler(coupler)
+    matcher = ConditionalFlowMatcher(coupler=coupler, sigma=args.sigma)
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
+                         schedule=args.schedule, grad_clip=args.grad_clip,
+                         ema_decay=0.0 if args.ema_decay is None else args.ema_decay, seed=args.seed,
+                         checkpoint_every=args.checkpoint_every, out_dir=str(out), progress=not args.no_progress,
+                         workers=args.workers, threads=args.threads, label_dropout=label_dropout)
+    meta = {"model": model.config, "data": data.name, "dim": data.dim, "conditional": args.conditional,
+            "num_classes": data.num_classes, "coupler": args.coupler,
+            "mean": None if data.mean is None else data.mean.tolist(),
+            "std": None if data.std is None else data.std.tolist()}
+    source = gaussian_sampler((data.dim,))
+    trainer = Trainer(model, matcher, source, data.train_sampler(labelled=args.conditional), config, metadata=meta)
+    with claim_run_folder(out, outputs=(METRICS_JSON,)):
+        result = trainer.fit(resume=args.resume)
+        if _finished_earlier(result, out, args.steps):
+            return 0
+        sampling_model = trainer.sampling_model.eval()
+        generator = torch.Generator().manual_seed(args.seed + 10_000)
+        field = sampling_model
+        if args.conditional:  # requested classes drawn like the held-out rows' labels
+            rows = torch.randint(0, data.held_out.shape[0], (args.eval_samples,), generator=generator)
+            field = guided_field(sampling_model, data.held_out_labels[rows], guidance)
+        threads = args.threads or auto_threads(sampling_model, args.eval_samples, workers=0)
+        with torch_threads(threads):
+            quality, tensors = evaluate_samples(field, source, data.held_out_sampler(), n=args.eval_samples,
+                                                generator=generator)
+        metrics = {"data": data.name, "dim": data.dim, "standardized": args.standardize,
+                   "conditional": args.conditional, "coupler": args.coupler, "steps": result.step,
+                   "batch_size": args.batch_size, "final_loss": result.loss,
+                   "steps_this_call": result.steps_trained, "train_seconds_this_call": result.seconds,
+                   "workers": result.workers, "threads": result.threads, "train_rows": data.train.shape[0],
+                   "held_out_rows": data.held_out.shape[0], "eval_samples": args.eval_samples,
+                   "guidance": guidance if args.conditional else None, "label_dropout": label_dropout,
+                   **quality.as_dict()}
+        text = json.dumps(_json_value(metrics), indent=2, allow_nan=False) + "\n"
+        atomic_write(out / METRICS_JSON, lambda f: f.write(text))
+        trajectory = tensors.get("trajectory")
+        figure = plot_flow_2d(out / "samples.png", *(_first_two(tensors[k]) for k in ("source", "generated", "target")),
+                              None if trajectory is None else trajectory[..., :2],
+                              title=f"{data.name} (held-out rows; coordinates 1-2{', standardised' * args.standardize})"
+                                    f", {args.coupler} coupler, {result.step} steps")
+    print(quality.to_markdown().replace("two target samples", "two draws of the held-out rows"))
+    print(f"wrote {out / CHECKPOINT_NAME}, {out / METRICS_JSON}, {figure}")
+    return 0
+
+
+def _first_two(x: torch.Tensor) -> torch.Tensor:
+    """The first two coordinates of x (n, d) for a scatter; a zero second coordinate when d = 1."""
+    return x[:, :2] if x.shape[1] >= 2 else torch.cat([x, torch.zeros_like(x)], dim=1)
+
+
+def _scatter(path: Path, points: torch.Tensor, labels: torch.Tensor | None, *, title: str) -> Path:
+    """Save a PNG scatter of points (n, 2), coloured by class when labels (n,) are given."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 6))
+    p = points.detach().cpu()
+    ax.scatter(p[:, 0], p[:, 1], s=3, alpha=0.5, c=None if labels is None else labels.cpu(),
+               cmap=None if labels is None else "tab10")
+    ax.set_xlabel("coordinate 1")
+    ax.set_ylabel("coordinate 2")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _sample_array_checkpoint(args, model, meta: dict) -> int:
+    from ot_cfm.models import guided_field
+    from ot_cfm.sampling import sample
+
+    conditional = bool(meta["conditional"])
+    if args.guidance is not None and not conditional:
+        raise ValueError(f"--guidance applies to class-conditional checkpoints; {args.checkpoint} is unconditional")
+    x0 = torch.randn((args.n, meta["dim"]), generator=torch.Generator().manual_seed(args.seed))
+    labels = torch.arange(args.n) % meta["num_classes"] if conditional else None
+    field = model if labels is None else guided_field(model, labels, 1.0 if args.guidance is None else args.guidance)
+    steps = None if args.solver in ("dopri5", "tsit5") else args.steps
+    options = dict(solver=args.solver, steps=steps, **({"max_nfe": args.max_nfe} if steps is None else {}))
+    with torch.no_grad():
+        out = sample(field, x0, **options)
+    x1 = out.x
+    if meta.get("mean") is not None:  # back to the file's units
+        x1 = x1 * torch.tensor(meta["std"], dtype=x1.dtype) + torch.tensor(meta["mean"], dtype=x1.dtype)
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"x0": x0, "x1": x1, "labels": labels, "nfe": out.nfe}, path.with_suffix(".pt"))
+    _scatter(path.with_suffix(".png"), _first_two(x1), labels,
+             title=f"{Path(args.checkpoint).parent.name}: {meta['data']} samples (coordinates 1-2, the file's units), "
+                   f"{args.solver}, NFE {out.nfe}")
+    print(f"sampled {args.n} rows of dimension {meta['dim']} with {args.solver} (NFE {out.nfe}) in the units of "
+          f"{meta['data']}; wrote {path.with_suffix('.pt')} and {path.with_suffix('.png')}")
     return 0
 
 
@@ -431,6 +581,9 @@ def cmd_sample(args) -> int:
     if "dataset" in meta:
         torch.set_num_threads(args.threads or auto_threads(model, min(args.n, EVAL_CHUNK), workers=0))
         return _sample_image_checkpoint(args, model, meta)
+    if "data" in meta:
+        torch.set_num_threads(args.threads or auto_threads(model, args.n, workers=0))
+        return _sample_array_checkpoint(args, model, meta)
     if args.guidance is not None:
         raise ValueError(f"--guidance applies to class-conditional image checkpoints; {args.checkpoint} is a toy run")
     torch.set_num_threads(args.threads or auto_threads(model, args.n, workers=0))  # this process is ours
@@ -493,14 +646,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dataset", choices=IMAGE_DATASETS, default=None,
                        help="train on images instead of the toy pair (source: N(0, I) of the image shape); digits "
                             "ship with scikit-learn, the others are read from --data-dir (nothing is downloaded)")
+    train.add_argument("--data", default=None, metavar="FILE",
+                       help="train on the rows (N, d) of a .npy, .npz or .csv file (source: N(0, I) in d dimensions); "
+                            "a seeded fifth of the rows is held out for the W2 / NPE table")
+    train.add_argument("--label-column", default=None, metavar="NAME_OR_INDEX",
+                       help="--data: the labels, a CSV column (header name or index; removed from the features) or "
+                            "an .npz key (y or labels are found without it); needed by --conditional")
+    train.add_argument("--standardize", action="store_true",
+                       help="--data: train on columns scaled to mean 0 and std 1; samples are mapped back to the "
+                            "file's units")
     train.add_argument("--data-dir", default=None,
                        help="folder of MNIST IDX files / CIFAR-10 batches / class subfolders, or the .npy/.npz file")
     train.add_argument("--model", choices=("unet", "mlp"), default=None,
                        help="image runs: the UNet preset for the image size (default), or an MLP on flattened "
                             "pixels (--width, --depth; sensible for 8x8 digits only); toy runs: mlp")
     train.add_argument("--conditional", action="store_true",
-                       help="image runs: class-conditional model, labelled batches coupled within classes, label "
-                            "dropout for classifier-free guidance; grids get one row per class")
+                       help="image and --data runs: class-conditional model, labelled batches coupled within classes "
+                            "(image runs: label dropout for classifier-free guidance; grids get one row per class)")
     train.add_argument("--label-dropout", type=float, default=None,
                        help="conditional runs: probability of training on the null label (0.1 when not given)")
     train.add_argument("--guidance", type=float, default=None,

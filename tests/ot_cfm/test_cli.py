@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -276,3 +277,70 @@ def test_sample_reports_the_nfe_of_the_solve_not_of_the_plotted_paths(tmp_path, 
     direct = sample(model, toy_sampler(meta["source"])(100, torch.Generator().manual_seed(0)), solver="dopri5")
     assert saved["nfe"] == direct.nfe and torch.allclose(saved["x1"], direct.x)
     assert f"NFE {direct.nfe})" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- --data: rows (N, d) of a file
+
+DATA_SMALL = [*SMALL, "--workers", "0", "--checkpoint-every", "10"]
+
+
+def write_table(tmp_path, n=120):
+    """A CSV with a header and a label column between the features, and an NPY of the same features (n, 3)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, generator=g, dtype=torch.float64) * torch.tensor([1.0, 5.0, 2.0]) + torch.tensor([10, 0, -3])
+    y = (x[:, 0] > 10).long()
+    lines = ["a,cls,b,c"] + [f"{r[0]!r},{int(k)},{r[1]!r},{r[2]!r}" for r, k in zip(x.tolist(), y)]
+    (tmp_path / "d.csv").write_text("\n".join(lines) + "\n")
+    np.save(tmp_path / "d.npy", x.numpy())
+    return x, y
+
+
+def test_train_on_data_files_then_sample_in_the_files_units(tmp_path, capsys):
+    from ot_cfm.cli import _load_sampling_model
+    from ot_cfm.models import guided_field
+    from ot_cfm.sampling import sample
+
+    x, _ = write_table(tmp_path)
+    npy_run = tmp_path / "npy"
+    assert main(["train", *DATA_SMALL, "--data", str(tmp_path / "d.npy"), "--out", str(npy_run)]) == 0
+    metrics = strict_json(npy_run / "metrics.json")
+    assert (metrics["data"], metrics["dim"], metrics["train_rows"], metrics["held_out_rows"]) == ("d.npy", 3, 96, 24)
+    assert metrics["w2/dopri5"] >= 0 and metrics["w2_floor"] >= 0 and metrics["conditional"] is False
+    assert (npy_run / "checkpoint.pt").exists() and (npy_run / "samples.png").exists()
+
+    csv_run = tmp_path / "csv"
+    assert main(["train", *DATA_SMALL, "--data", str(tmp_path / "d.csv"), "--label-column", "cls", "--standardize",
+                 "--conditional", "--out", str(csv_run)]) == 0
+    metrics = strict_json(csv_run / "metrics.json")
+    assert metrics["dim"] == 3 and metrics["conditional"] is True and metrics["standardized"] is True
+    meta = read_checkpoint(csv_run / "checkpoint.pt")["metadata"]
+    assert meta["num_classes"] == 2 and meta["model"]["num_classes"] == 2 and meta["model"]["dim"] == 3
+    torch.testing.assert_close(torch.tensor(meta["mean"]), x.mean(0).float())
+    torch.testing.assert_close(torch.tensor(meta["std"]), x.std(0, correction=0).float())
+
+    capsys.readouterr()
+    assert main(["sample", str(csv_run / "checkpoint.pt"), "--n", "50", "--solver", "euler", "--steps", "4",
+                 "--out", str(tmp_path / "s")]) == 0
+    saved = torch.load(tmp_path / "s.pt", weights_only=True)
+    assert saved["x1"].shape == (50, 3) and (tmp_path / "s.png").exists()
+    model, _ = _load_sampling_model(csv_run / "checkpoint.pt")
+    raw = sample(guided_field(model, torch.arange(50) % 2, 1.0), saved["x0"], solver="euler", steps=4).x
+    torch.testing.assert_close(saved["x1"], raw * torch.tensor(meta["std"]) + torch.tensor(meta["mean"]))
+    assert "in the units of d.csv" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--dataset", "digits"], "cannot be combined with --dataset"),
+    (["--source", "moons"], "cannot be combined with --source"),
+    (["--conditional"], "--conditional needs labels"),
+    (["--label-column", "nope"], "no column named 'nope'"),
+])
+def test_data_option_refuses_what_does_not_fit(tmp_path, capsys, extra, message):
+    write_table(tmp_path, n=10)
+    assert main(["train", *DATA_SMALL, "--data", str(tmp_path / "d.csv"), *extra, "--out", str(tmp_path / "r")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_data_only_options_need_data(tmp_path, capsys):
+    assert main(["train", *SMALL, "--standardize", "--out", str(tmp_path / "r")]) == 2
+    assert "only --data runs take --standardize" in capsys.readouterr().err
