@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 __all__ = ["TOY_DATASETS", "sample_toy", "toy_sampler", "TensorSampler", "gaussian_sampler", "load_digits",
-           "ARRAY_SUFFIXES", "ArrayDataset", "load_array_dataset"]
+           "held_out_split", "ARRAY_SUFFIXES", "ArrayDataset", "load_array_dataset"]
 
 Sampler = Callable[..., torch.Tensor]
 
@@ -283,6 +283,18 @@ def _integer_labels(labels: np.ndarray, n: int, path: Path) -> torch.Tensor:
     return torch.from_numpy(labels)
 
 
+def held_out_split(n: int, fraction: float, seed: int | torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train indices, held-out indices): a permutation drawn from ``seed``, the last round(fraction n) held out."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"held_out_fraction must lie in (0, 1), got {fraction}")
+    held = round(fraction * n)
+    if not 0 < held < n:
+        raise ValueError(f"held_out_fraction {fraction} of {n} samples holds out {held}; expected between 1 and {n - 1}")
+    generator = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
+    order = torch.randperm(n, generator=generator, device=generator.device).cpu()
+    return order[: n - held], order[n - held:]
+
+
 def load_array_dataset(path: str | os.PathLike, *, labels: str | int | None = None, standardize: bool = False,
                        held_out_fraction: float = 0.2, seed: int | torch.Generator = 0) -> ArrayDataset:
     """Read rows (N, d) from a ``.npy``, ``.npz`` or ``.csv`` file and split off held-out rows.
@@ -299,7 +311,6 @@ def load_array_dataset(path: str | os.PathLike, *, labels: str | int | None = No
     drawn from ``seed`` (an int, or a CPU ``torch.Generator``): the same seed gives the same split.
     Every fault raises an error naming the file and what was expected.
     """
-    from ot_cfm.image_data import _seeded_split  # image_data imports this module, so not at the top
 
     path = Path(path)
     if not path.is_file():
@@ -332,7 +343,7 @@ def load_array_dataset(path: str | os.PathLike, *, labels: str | int | None = No
         data = (data - mean) / std
         mean, std = mean.float(), std.float()
     try:
-        train, held = _seeded_split(data.shape[0], held_out_fraction, seed)
+        train, held = held_out_split(data.shape[0], held_out_fraction, seed)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     data = data.float()

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ot_cfm.data import TensorSampler, load_digits
+from ot_cfm.data import TensorSampler, held_out_split, load_digits
 
 __all__ = [
     "IMAGE_DATASETS", "CIFAR10_CLASSES", "IMAGE_EXTENSIONS", "ImageDataset", "load_image_dataset",
@@ -503,18 +503,6 @@ class ImageDataset:
         return TensorSampler(self.train_images, self.train_labels, labelled=labelled)
 
 
-def _seeded_split(n: int, fraction: float, seed: int | torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train indices, held-out indices): a permutation drawn from ``seed``, the last round(fraction n) held out."""
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"held_out_fraction must lie in (0, 1), got {fraction}")
-    held = round(fraction * n)
-    if not 0 < held < n:
-        raise ValueError(f"held_out_fraction {fraction} of {n} images holds out {held}; expected between 1 and {n - 1}")
-    generator = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
-    order = torch.randperm(n, generator=generator, device=generator.device).cpu()
-    return order[: n - held], order[n - held:]
-
-
 def _detect(path: Path) -> str:
     """The kind of dataset at an existing path."""
     if path.is_file():
@@ -579,7 +567,7 @@ def load_image_dataset(name_or_path: str | os.PathLike = "digits", *, root: str 
         classes = _class_names(labels.numpy())
     else:
         images, labels, classes = read_image_folder(path, mode=mode, size=size, dtype=dtype)
-    train, held = _seeded_split(images.shape[0], held_out_fraction, seed)
+    train, held = held_out_split(images.shape[0], held_out_fraction, seed)
     seed_text = "a torch.Generator" if isinstance(seed, torch.Generator) else f"seed {seed}"
     return ImageDataset(kind, images[train], labels[train], images[held], labels[held], classes,
                         f"seeded split: {held.numel()} of {images.shape[0]} images held out ({seed_text})")
