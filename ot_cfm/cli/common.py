@@ -1,0 +1,131 @@
+"""Helpers shared by the ``ot-cfm`` commands: constants, option checks and parsers, checkpoint loading,
+metrics files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from ot_cfm.checkpoint import read_checkpoint
+
+COUPLERS = ("exact", "sinkhorn", "independent")
+METRICS_JSON = "metrics.json"
+TOY_DEFAULTS = {"source": "8gaussians", "target": "moons"}
+
+
+def _make_coupler(name: str, epsilon: float):
+    from ot_cfm.couplers.exact import ExactOTCoupler
+    from ot_cfm.couplers.independent import IndependentCoupler
+    from ot_cfm.couplers.sinkhorn import SinkhornCoupler
+
+    return {"exact": ExactOTCoupler, "independent": IndependentCoupler,
+            "sinkhorn": lambda: SinkhornCoupler(epsilon=epsilon)}[name]()
+
+
+def _model_from_spec(spec: dict):
+    """The model a checkpoint describes: ``model.config`` (with ``kind``), or a toy MLP's arguments (older
+    toy checkpoints have no ``kind``)."""
+    from ot_cfm.models import MLP, model_from_config
+
+    return model_from_config(spec) if "kind" in spec else MLP(**spec)
+
+
+def _load_sampling_model(checkpoint: Path):
+    state = read_checkpoint(checkpoint)  # refuses files that would run code, names the file on any fault
+    meta = state["metadata"]
+    images = isinstance(meta, dict) and "dataset" in meta
+    arrays = isinstance(meta, dict) and "data" in meta
+    needed = (("model", "dataset", "shape", "conditional") if images else
+              ("model", "data", "dim", "conditional", "mean", "std") if arrays else ("model", "source", "target"))
+    missing = [k for k in needed if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise ValueError(f"{checkpoint} lacks {missing} in its metadata (the model's description and the data's "
+                         "names); was it written by `ot-cfm train`?")
+    model = _model_from_spec(meta["model"])
+    if state.get("ema") is not None:  # AveragedModel's state: "module.<name>" entries plus a counter
+        weights = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
+    else:
+        weights = state["model"]
+    model.load_state_dict(weights)
+    return model.eval(), meta
+
+
+def _json_value(value):
+    """``value`` with every non-finite float replaced by None, for strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    return value
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' * (n != 1)}"
+
+
+def _read_metrics(path: Path) -> dict | None:
+    """The metrics written by an earlier call, or None when there are none or they are not strict JSON."""
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+    try:
+        return json.loads(path.read_text(), parse_constant=refuse)
+    except (OSError, ValueError):
+        return None
+
+
+def _image_only_options(args) -> list[str]:
+    """The image options given to a toy run."""
+    given = [("--model unet", args.model == "unet"), ("--conditional", args.conditional),
+             ("--label-dropout", args.label_dropout is not None), ("--guidance", args.guidance is not None),
+             ("--data-dir", args.data_dir is not None), ("--eval-every", args.eval_every != 0),
+             ("--classifier-steps", args.classifier_steps is not None),
+             ("--inception-weights", args.inception_weights is not None)]
+    return [flag for flag, present in given if present]
+
+
+def _finished_earlier(result, out: Path, steps: int) -> bool:
+    """Print what ``fit`` did; True when the run had finished before this call and its metrics are valid
+    (nothing left to do), False when it trained or its metrics must be written again."""
+    if result.steps_trained:
+        print(f"trained {result.steps_trained} steps (to step {result.step}) in {result.seconds:.1f} s with "
+              f"{_count(result.workers, 'worker')} and {_count(result.threads, 'torch thread')}; "
+              f"final loss {result.loss:.4f}")
+        return False
+    print(f"the run in {out} had already finished at step {result.step} (--steps {steps}): nothing to train")
+    if _read_metrics(out / METRICS_JSON) is None:
+        return False
+    print(f"its metrics are in {out / METRICS_JSON}")
+    return True
+
+
+def _array_only_options(args) -> list[str]:
+    """The options of --data runs given to another run."""
+    return [flag for flag, present in (("--label-column", args.label_column is not None),
+                                       ("--standardize", args.standardize)) if present]
+
+
+def _workers(text: str) -> int | str:
+    if text == "auto":
+        return text
+    if text.isdigit():
+        return int(text)
+    raise argparse.ArgumentTypeError(f"expected 'auto' or an integer >= 0, got {text!r}")
+
+
+def _threads(text: str) -> int | None:
+    if text == "auto":
+        return None
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"expected 'auto' or an integer >= 1, got {text!r}")
+
+
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except None: those options say in their help what not giving them means."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
