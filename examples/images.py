@@ -9,7 +9,8 @@ Trainer (EMA on, checkpoints under ``--out``, ``--resume`` continues them) from 
 weights and data stream. Sample quality is the exact W2 in pixel space between generated and
 held-out images at Euler NFE 1 and 4 and dopri5, next to the W2 between training and held-out images.
 
-    python examples/images.py                        # digits, writes examples/results/images_digits.{png,md}
+    python examples/images.py                        # digits, writes runs/images/images_digits.{png,md}
+    python examples/images.py --figures examples/results   # the committed results
     python examples/images.py --resume               # after an interruption: continue both runs from their checkpoints
     python examples/images.py --dataset mnist --data-path ~/data/mnist --figures runs/images
     python examples/images.py --dataset folder --data-path ~/data/faces --image-size 32 --model mlp
@@ -148,8 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-samples", type=int, default=1000, help="at most the number of held-out images")
     p.add_argument("--out", type=Path, default=Path("runs/images"), help="checkpoints and training logs")
-    p.add_argument("--figures", type=Path, default=Path(__file__).parent / "results",
-                   help="where images_<dataset>.png and .md go")
+    p.add_argument("--figures", type=Path, default=Path("runs/images"),
+                   help="where images_<dataset>.png and .md go (the committed ones: examples/results)")
     p.add_argument("--resume", action="store_true", help="continue both runs from their checkpoints in --out")
     p.add_argument("--no-progress", action="store_true")
     return p

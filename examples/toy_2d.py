@@ -5,7 +5,8 @@ coupler differs: ``ExactOTCoupler`` (OT-CFM) or ``IndependentCoupler`` (I-CFM). 
 the same source and target samples: W2 at Euler NFE 1, 2, 4 and dopri5, and the normalised path
 energy NPE = |E int |v|^2 dt - W2^2| / W2^2 of the dopri5 flow (0 for the optimal transport flow).
 
-    python examples/toy_2d.py                         # 8gaussians -> moons, writes examples/results/toy_2d.png
+    python examples/toy_2d.py                         # 8gaussians -> moons, writes runs/toy_2d.png
+    python examples/toy_2d.py --figure examples/results/toy_2d.png   # the committed figure
     python examples/toy_2d.py --source gaussian --target circles --steps 5000
     python examples/toy_2d.py --quick                 # smoke run, writes runs/toy_2d_quick.png
 """
@@ -90,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-samples", type=int, default=2000)
-    p.add_argument("--figure", type=Path, default=Path(__file__).parent / "results" / "toy_2d.png")
+    p.add_argument("--figure", type=Path, default=Path("runs/toy_2d.png"),
+                   help="where the figure goes (the committed one: examples/results/toy_2d.png)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
