@@ -11,4 +11,4 @@ import sys
 from ot_cfm_experiments.batch_size import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python examples/batch_size_convergence.py"))
