@@ -169,6 +169,8 @@ def plot_field(path: Path, potential, traj: dict, resolution: int = 400, extent:
     ax.imshow(image, origin="lower", extent=(-extent, extent, -extent, extent), interpolation="nearest")
     ax.scatter(x0[:, 0], x0[:, 1], s=4, c="black", label="x0 ~ N(0, I)")
     ax.set_title(f"Laguerre cells of the fitted potential (N = {potential.n_support}), source plane")
+    ax.set_xlabel("$x_1$")
+    ax.set_ylabel("$x_2$")
     ax.legend(loc="upper right", markerscale=3)
     ax = axes[1]
     ax.scatter(support[:, 0], support[:, 1], s=2, c="tab:green", alpha=0.4, label="target points y_j")
@@ -182,6 +184,8 @@ def plot_field(path: Path, potential, traj: dict, resolution: int = 400, extent:
                label="Euler end point")
     ax.scatter(target[:, 0], target[:, 1], s=3, c="tab:blue", label="T(x0)")
     ax.set_title(f"straight paths (1-t) x0 + t T(x0) (grey); max |Euler end - T(x0)| = {traj['endpoint_error']:.1e}")
+    ax.set_xlabel("$x_1$")
+    ax.set_ylabel("$x_2$")
     ax.legend(loc="lower left", markerscale=2, fontsize=8)
     axes[0].set_xlim(-extent, extent)
     axes[0].set_ylim(-extent, extent)
@@ -237,6 +241,10 @@ def plot_samples(path: Path, runs: dict, points) -> None:
             ax.set_title(f"{method}, {solver} (NFE {run['nfe'][solver]}): W2 {run['w2'][solver]:.3f}")
         for ax in row:
             ax.set_aspect("equal")
+    for ax in axes[-1]:
+        ax.set_xlabel("$x_1$")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("$x_2$")
     save_figure(fig, path, dpi=90)
 
 

@@ -67,6 +67,10 @@ def plot(path: Path, results: dict, title: str, max_paths: int = 300) -> None:
         row[1].set_title(f"{name}: trajectories, NPE {quality.npe:.3f}")
         for ax in row:
             ax.set_aspect("equal")
+    for ax in axes[-1]:
+        ax.set_xlabel("$x_1$")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("$x_2$")
     save_figure(fig, path, title=title, dpi=100)
 
 

@@ -149,7 +149,7 @@ def plot_rates(reports: dict[str, HyperbolicityReport], path: Path) -> None:
         ax.axhline(ref, color="grey", linestyle=":", linewidth=1)
         ax.set_xlabel(r"$s = -\log(1-t)$")
         ax.set_ylabel(label)
-    axes[1].legend(fontsize=8)
+        ax.legend(fontsize=8)
     save_figure(fig, path, title="Exact (solid) and learned (dashed) OT-CFM fields near manifold targets", dpi=120)
 
 

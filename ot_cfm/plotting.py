@@ -6,7 +6,41 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["plot_flow_2d", "plot_image_grid", "image_mosaic", "save_figure"]
+import warnings
+
+__all__ = ["plot_flow_2d", "plot_image_grid", "image_mosaic", "save_figure", "figure_problems",
+           "IncompleteFigureWarning"]
+
+
+class IncompleteFigureWarning(UserWarning):
+    """A saved figure lacks a title, an axis label, or a legend for several labelled series (the test suite
+    turns this warning into an error, so every figure the package writes explains itself)."""
+
+
+def figure_problems(fig) -> list[str]:
+    """What a reader of ``fig`` would miss, one line per problem; empty when nothing is.
+
+    Rules: the figure has a suptitle or every plotting panel has a title; every panel that draws data
+    with its axes shown has an x and a y label (on it, or on a panel sharing that axis); a panel with two or
+    more labelled series has a legend (its own or the figure's). Panels with their axes hidden (image
+    grids) and colour bars are exempt from the labels.
+    """
+    problems = []
+    suptitle = fig._suptitle.get_text() if getattr(fig, "_suptitle", None) is not None else ""
+    panels = [ax for ax in fig.axes if ax.get_visible() and not hasattr(ax, "_colorbar")]
+    for i, ax in enumerate(panels):
+        name = repr(ax.get_title()) if ax.get_title() else f"panel {i}"
+        if not suptitle and not ax.get_title():
+            problems.append(f"{name}: no title, and the figure has no suptitle")
+        if ax.axison and (ax.lines or ax.collections or ax.patches):  # a panel of images alone has no axes to name
+            for axis, siblings in (("x", ax.get_shared_x_axes().get_siblings(ax)),
+                                   ("y", ax.get_shared_y_axes().get_siblings(ax))):
+                if not any(getattr(a, f"get_{axis}label")() for a in siblings):
+                    problems.append(f"{name}: no {axis} label")
+        labelled = [a for a in [*ax.lines, *ax.collections, *ax.patches] if not a.get_label().startswith("_")]
+        if len(labelled) >= 2 and ax.get_legend() is None and not fig.legends:
+            problems.append(f"{name}: {len(labelled)} labelled series but no legend")
+    return problems
 
 
 def plot_flow_2d(path: str | Path, source: torch.Tensor, generated: torch.Tensor, target: torch.Tensor,
@@ -30,6 +64,8 @@ def plot_flow_2d(path: str | Path, source: torch.Tensor, generated: torch.Tensor
         axes[1].scatter(paths[-1, :, 0], paths[-1, :, 1], s=3, c="tab:blue", label="x1")
         axes[1].legend(loc="upper right", markerscale=4)
     axes[1].set_title("trajectories")
+    axes[0].set_xlabel("$x_1$")
+    axes[0].set_ylabel("$x_2$")  # both panels share these axes
     for ax in axes:
         ax.set_aspect("equal")
     return save_figure(fig, path, title=title, dpi=120)
@@ -99,6 +135,9 @@ def save_figure(fig, path: str | Path, *, title: str | None = None, dpi: int = 1
 
     if title is not None:
         fig.suptitle(title)
+    problems = figure_problems(fig)
+    if problems:
+        warnings.warn(f"figure {path}: " + "; ".join(problems), IncompleteFigureWarning, stacklevel=2)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

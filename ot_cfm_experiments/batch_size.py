@@ -469,7 +469,8 @@ def _plot(rows: Sequence[dict], targets: dict[str, Target], metrics: Sequence[st
                         ax.axhline(mean, color=color, ls=":", lw=1)
         ax.set_title(f"{name} (d = {targets[name].dim})")
         ax.set_xlabel("batch size B")
-        ax.legend(fontsize=6)
+        ax.set_ylabel("relative squared error")
+        ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     fig.suptitle(title, fontsize=9)

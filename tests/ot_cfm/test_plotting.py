@@ -2,14 +2,16 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import pytest
 from matplotlib.text import Text
 
-from ot_cfm.plotting import save_figure
+from ot_cfm.plotting import IncompleteFigureWarning, figure_problems, save_figure
 
 
 def test_save_figure_writes_png_into_new_folder_and_closes(tmp_path):
     fig, ax = plt.subplots()
     ax.plot([0, 1], [0, 1])
+    ax.set(xlabel="a", ylabel="b")
     path = tmp_path / "new" / "folder" / "line.png"
     assert save_figure(fig, str(path), title="a line", dpi=50) == path
     assert path.read_bytes().startswith(b"\x89PNG") and path.stat().st_size > 0
@@ -68,3 +70,28 @@ def test_image_grid_has_title_and_row_labels_inside_the_figure(tmp_path):
             and extent.y1 <= box.y1 + 1, f"{text!r} is clipped: {extent} outside {box}"
     with pytest.raises(ValueError, match="one per row"):
         plot_image_grid(tmp_path / "bad.png", images, columns=8, row_labels=[0, 1])
+
+
+def test_figure_problems_names_what_a_reader_would_miss(tmp_path):
+    fig, (ax, bx) = plt.subplots(1, 2)
+    ax.plot([0, 1], [0, 1], label="one")
+    ax.plot([0, 1], [1, 0], label="two")
+    bx.imshow([[0.0, 1.0]])  # images alone need no axis labels
+    problems = figure_problems(fig)
+    assert any("no title" in p for p in problems)
+    assert any("no x label" in p for p in problems) and any("no y label" in p for p in problems)
+    assert any("2 labelled series but no legend" in p for p in problems)
+    assert not any("panel 1" in p and "label" in p for p in problems)
+    with pytest.warns(IncompleteFigureWarning, match="no legend"):
+        save_figure(fig, tmp_path / "bad.png")
+
+    fig, (ax, bx) = plt.subplots(1, 2, sharey=True)
+    for a in (ax, bx):
+        a.plot([0, 1], [0, 1], label="one")
+        a.plot([0, 1], [1, 0], label="two")
+        a.set_xlabel("x")
+        a.legend()
+    ax.set_ylabel("y")  # shared with bx
+    fig.suptitle("complete")
+    assert figure_problems(fig) == []
+    plt.close(fig)
