@@ -8,11 +8,18 @@ A resumed run therefore needs no data-generator state, and batches can be drawn 
 ``torch.utils.data.DataLoader`` worker processes while the training process runs the model step:
 the exact OT solve (POT, scipy) is CPU work of its own, which workers take off the step's critical path
 (``benchmarks/results/toy_training.md``). On the CPU the batches do not depend on the number of workers.
+
+For a model on a GPU the points are still drawn on the CPU (the same batch k on every device) and an exact
+coupler still solves there; ``to_device`` moves a batch through pinned memory with ``non_blocking`` copies,
+and with no worker processes ``coupled_batch_stream(..., thread=True)`` computes the next batches in one
+background thread while the GPU runs the current step (``overlap_mode`` decides).
 """
 
 from __future__ import annotations
 
+import collections
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
@@ -21,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from ot_cfm.parallelism import available_cores
 from ot_cfm.validation import check_labels
 
-__all__ = ["DATA_STREAM", "batch_generator", "CoupledBatches", "coupled_batch_stream"]
+__all__ = ["DATA_STREAM", "batch_generator", "CoupledBatches", "coupled_batch_stream", "overlap_mode", "to_device"]
 
 #: names how batch k is drawn; results stored with another name (checkpoints, cached experiment cells) were
 #: trained on other data and are refused or recomputed
@@ -104,17 +111,50 @@ def _from_bytes(parts: list) -> tuple[torch.Tensor, ...]:
     return tuple(torch.from_numpy(data).view(dtype).reshape(shape) for dtype, shape, data in parts)
 
 
+def overlap_mode(device: torch.device | str, workers: int, coupling_device: torch.device | str) -> str:
+    """How a training process gets its batches ahead of the model step on ``device``:
+
+    "workers" (``workers`` > 0: worker processes), "thread" (a model off the CPU, batches coupled on the CPU,
+    no workers: one background thread draws and couples batch k + 1 while the device runs step k; the GPU step
+    is queued asynchronously, so the CPU is free for it) or "inline" (each batch when it is needed: on the CPU
+    a thread would only compete with the step for the same cores, and a coupler solving on the device has
+    no CPU work to overlap).
+    """
+    if workers > 0:
+        return "workers"
+    if torch.device(device).type != "cpu" and torch.device(coupling_device).type == "cpu":
+        return "thread"
+    return "inline"
+
+
+def to_device(batch: tuple[torch.Tensor, ...], device: torch.device | str) -> tuple[torch.Tensor, ...]:
+    """``batch`` on ``device``: unchanged where it already is; to CUDA from pinned (page-locked) memory with
+    ``non_blocking`` copies, so the copy is queued behind the GPU's work instead of waiting for it."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return tuple(t.to(device) for t in batch)
+    return tuple(t if t.device.type == "cuda" else _pinned(t).to(device, non_blocking=True) for t in batch)
+
+
+def _pinned(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_pinned() else t.pin_memory()
+
+
 def coupled_batch_stream(batches: CoupledBatches, steps: range, *, workers: int = 0, prefetch: int = 2,
-                         limit_threads: bool = True):
+                         limit_threads: bool = True, thread: bool = False):
     """A generator of ``batches[k]`` for k in ``steps``, in order (``close()`` it to stop early).
 
-    ``workers`` = 0 computes each batch in this process when it is asked for; ``workers`` > 0 computes them in
-    that many worker processes (on the CPU), up to ``prefetch`` batches per worker ahead of the consumer,
-    and, with ``limit_threads`` and until the stream ends or is closed, limits this process's torch threads to
-    the cores the workers leave (``Trainer`` sets its threads itself and passes False).
+    ``workers`` = 0 computes each batch in this process when it is asked for, or with ``thread`` in one
+    background thread, up to ``prefetch`` batches ahead of the consumer (the same batches: each is a pure
+    function of its step); ``workers`` > 0 computes them in that many worker processes (on the CPU), up to
+    ``prefetch`` batches per worker ahead of the consumer, and, with ``limit_threads`` and until the stream
+    ends or is closed, limits this process's torch threads to the cores the workers leave (``Trainer`` sets
+    its threads itself and passes False).
     """
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
+    if workers == 0 and thread:
+        return _threaded(batches, steps, max(1, prefetch))
     if workers == 0:
         return (batches[k] for k in steps)
     if batches.device.type != "cpu":
@@ -123,6 +163,24 @@ def coupled_batch_stream(batches: CoupledBatches, steps: range, *, workers: int 
     loader = DataLoader(batches, batch_size=None, sampler=steps, num_workers=workers, prefetch_factor=prefetch,
                         collate_fn=_to_bytes, worker_init_fn=_ignore_sigint)
     return _closing_iteration(loader, limit_threads)
+
+
+def _threaded(batches: CoupledBatches, steps: range, prefetch: int):
+    # One thread, so batches are computed in order and at most one coupler call runs at a time (the
+    # couplers need not be thread-safe against themselves). An error in batch k is raised at batch k.
+    # Closing the stream cancels the batches not yet started and waits for the one running.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ot-cfm-batches") as pool:
+        ahead, queued = collections.deque(), iter(steps)
+        try:
+            for k in queued:
+                ahead.append(pool.submit(batches.__getitem__, k))
+                if len(ahead) > prefetch:
+                    yield ahead.popleft().result()
+            while ahead:
+                yield ahead.popleft().result()
+        finally:
+            for future in ahead:
+                future.cancel()
 
 
 def _closing_iteration(loader: DataLoader, limit_threads: bool):

@@ -5,6 +5,13 @@ Batch k (data draws and a stochastic coupler's draws) is a pure function of (see
 (``ot_cfm.batches``), and t and eps come from a torch.Generator saved in every checkpoint, so a
 resumed run ends with the same weights as an uninterrupted one. With ``workers`` > 0 the batches are
 drawn and coupled in worker processes ahead of the model step, with the same result on the CPU.
+
+The model trains on its own device. Batches are always drawn on the CPU (so batch k is the same on every
+device) and, for a coupler that solves on the CPU (exact OT), coupled there too; they reach a CUDA model
+through pinned memory with ``non_blocking`` copies. On a CUDA device with no worker processes a background
+thread draws and couples batch k + 1 while the GPU runs step k (``ot_cfm.batches.overlap_mode``).
+``precision`` "bf16" or "fp16" runs the model's forward and the loss under ``torch.autocast``; weights,
+gradients, loss and optimizer state stay float32.
 Checkpoints load without running code from the file (``ot_cfm.checkpoint``), and an output folder
 belongs to one live run at a time (``ot_cfm.run_folder``).
 """
@@ -28,20 +35,40 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from ot_cfm.batches import DATA_STREAM, CoupledBatches, coupled_batch_stream
+from ot_cfm.batches import DATA_STREAM, CoupledBatches, coupled_batch_stream, overlap_mode, to_device
 from ot_cfm.checkpoint import check_storable, read_checkpoint, write_checkpoint
 from ot_cfm.matcher import ConditionalFlowMatcher
 from ot_cfm.models import is_conditional
 from ot_cfm.parallelism import auto_threads, auto_workers, torch_threads
 from ot_cfm.run_folder import claim_run_folder
 
-__all__ = ["TrainConfig", "TrainResult", "Trainer", "CHECKPOINT_NAME", "METRICS_NAME"]
+__all__ = ["TrainConfig", "TrainResult", "Trainer", "CHECKPOINT_NAME", "METRICS_NAME", "PRECISIONS",
+           "check_precision"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
+# Fields added after the first checkpoints were written, with their defaults: at the default they stay out of
+# the fingerprint, so checkpoints written before they existed still resume.
+_LATER_FIELDS = {"label_dropout": 0.0, "precision": "fp32"}
 # Fields that may change between a run and its resumption without changing the trained weights.
 _RESUMABLE_FIELDS = ("steps", "out_dir", "progress", "eval_every", "checkpoint_every", "log_every", "workers",
                      "threads")
+#: TrainConfig.precision -> the autocast dtype (None: no autocast)
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Device types on which fp16 is refused: torch 2.13's CPU autocast does run float16 (and GradScaler("cpu")
+# exists), but CPUs without native half arithmetic emulate it, slower than float32, and bf16 needs no loss
+# scaling: on the CPU use "bf16".
+_FP16_REFUSED_ON = frozenset({"cpu"})
+
+
+def check_precision(precision: str, device: torch.device | str) -> None:
+    """ValueError unless ``precision`` is one of ``PRECISIONS`` and usable on ``device``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    device_type = torch.device(device).type
+    if precision == "fp16" and device_type in _FP16_REFUSED_ON:
+        raise ValueError(f"precision 'fp16' needs a GPU (the model is on {device_type}); on the CPU use 'bf16' "
+                         "(bfloat16 autocast, no loss scaling) or 'fp32'")
 
 
 @dataclass(frozen=True)
@@ -68,7 +95,13 @@ class TrainConfig:
     ``threads`` sets torch's intra-op threads during ``fit`` (restored afterwards); None (default) picks
     ``ot_cfm.parallelism.auto_threads``: 1 for a small model on the CPU (parameters x batch_size < 2^26),
     else the cores the workers leave, never more than torch's current setting. What was chosen is in
-    ``TrainResult.workers`` and ``TrainResult.threads`` and in the progress bar.
+    ``TrainResult.workers`` and ``TrainResult.threads`` and in the progress bar. With the model on a GPU
+    both still count CPU work: drawing, exact coupling and pinning run on the CPU.
+
+    ``precision``: "fp32" (default) trains in float32; "bf16" and "fp16" run the model's forward and the loss
+    under ``torch.autocast`` with that dtype on the model's device (weights, gradients, loss and Adam's state
+    stay float32). "fp16" adds a ``torch.amp.GradScaler`` (its state is checkpointed) and needs a GPU; the
+    CPU takes "bf16". A non-default precision is part of the checkpoint fingerprint.
     """
 
     steps: int = 5000
@@ -87,8 +120,11 @@ class TrainConfig:
     workers: int | str = "auto"
     threads: int | None = None
     label_dropout: float = 0.0
+    precision: str = "fp32"
 
     def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
         if isinstance(self.label_dropout, bool) or not isinstance(self.label_dropout, (int, float)) \
                 or not 0.0 <= self.label_dropout <= 1.0:
             raise ValueError(f"label_dropout must be a probability in [0, 1], got {self.label_dropout!r}")
@@ -164,6 +200,13 @@ class Trainer:
         _check_labels_match(self.conditional, model, target, config.label_dropout)
         check_storable(self.metadata, "metadata")  # refused now, not at the first checkpoint
         self.device = next(model.parameters()).device
+        check_precision(config.precision, self.device)
+        self.autocast_dtype = PRECISIONS[config.precision]
+        self.scaler = (torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None)
+        # where batches are coupled: the CPU when the coupler solves there (no device round trip, and the
+        # same batches on every device), else the model's device
+        self.coupling_device = (torch.device("cpu") if getattr(matcher.coupler, "solves_on_cpu", False)
+                                else self.device)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay))
@@ -188,11 +231,17 @@ class Trainer:
         return 1.0
 
     def batches(self, device: torch.device | str | None = None) -> CoupledBatches:
-        """The run's coupled batches (``batches[k]`` is the batch of step k), coupled on ``device``
-        (the model's by default)."""
+        """The run's coupled batches (``batches[k]`` is the batch of step k), coupled on ``device`` (by default
+        the CPU for a coupler that solves on the CPU, else the model's device)."""
         c = self.config
         return CoupledBatches(self.source, self.target, self.matcher.couple, c.batch_size, c.seed,
-                              device=self.device if device is None else device)
+                              device=self.coupling_device if device is None else device)
+
+    def _autocast(self):
+        """The forward's precision context: autocast to ``config.precision`` on the model's device, or nothing."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     def train_step(self, batch: tuple[torch.Tensor, ...] | None = None) -> float:
         """One optimisation step on ``batch`` (coupled (x0, x1), or (x0, x1, y1) with labels, of this step; drawn
@@ -201,20 +250,31 @@ class Trainer:
         batch = self.batches()[self.step] if batch is None else batch
         if (len(batch) == 3) != self.conditional:
             _check_labels_match(self.conditional, self.model, _Drew(len(batch) == 3), c.label_dropout)
-        x0, x1 = batch[0].to(self.device, non_blocking=True), batch[1].to(self.device, non_blocking=True)
+        x0, x1, *y1 = to_device(batch, self.device)
         self.model.train()
-        if self.conditional:
-            loss = self.matcher.loss(self.model, x0, x1, generator=self.generator, coupled=True,
-                                     y1=batch[2].to(self.device, non_blocking=True), label_dropout=c.label_dropout)
-        else:
-            loss = self.matcher.loss(self.model, x0, x1, generator=self.generator, coupled=True)
+        with self._autocast():
+            if self.conditional:
+                loss = self.matcher.loss(self.model, x0, x1, generator=self.generator, coupled=True,
+                                         y1=y1[0], label_dropout=c.label_dropout)
+            else:
+                loss = self.matcher.loss(self.model, x0, x1, generator=self.generator, coupled=True)
+        loss = loss.float()  # a no-op in float32; under autocast the loss is reduced and reported in float32
         if not torch.isfinite(loss):
-            raise RuntimeError(f"loss became {loss.item()} at step {self.step}; lower lr or enable grad_clip")
+            raise RuntimeError(f"loss became {loss.item()} at step {self.step}; lower lr or enable grad_clip"
+                               + (" (or train in fp32)" if self.autocast_dtype is not None else ""))
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if c.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
-        self.optimizer.step()
+        if self.scaler is None:
+            loss.backward()
+            if c.grad_clip > 0:
+                nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+            self.optimizer.step()
+        else:  # fp16: scaled gradients, unscaled before clipping; a step with inf/NaN gradients is skipped
+            self.scaler.scale(loss).backward()
+            if c.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
@@ -258,8 +318,9 @@ class Trainer:
         start, start_step, history, losses = time.perf_counter(), self.step, [], []
         bar = tqdm(total=c.steps, initial=self.step, disable=not c.progress, dynamic_ncols=True,
                    desc=f"train ({workers} worker{'s' * (workers != 1)}, {threads} thread{'s' * (threads != 1)})")
+        thread = overlap_mode(self.device, workers, self.coupling_device) == "thread"
         batches = coupled_batch_stream(self.batches("cpu" if workers else None), range(self.step, c.steps),
-                                       workers=workers, limit_threads=False)
+                                       workers=workers, limit_threads=False, thread=thread)
         with _interrupts_at_step_boundaries() as interrupted, contextlib.closing(bar), contextlib.closing(batches):
             for batch in batches:
                 losses.append(self.train_step(batch))
@@ -313,8 +374,9 @@ class Trainer:
         resumable = set(_RESUMABLE_FIELDS)
         if self.config.schedule == "cosine":  # the schedule's length sets the lr of every step
             resumable.discard("steps")
-        if self.config.label_dropout == 0.0:  # as before the field existed: earlier checkpoints still resume
-            resumable.add("label_dropout")
+        for name, default in _LATER_FIELDS.items():  # at their defaults, as before they existed: earlier
+            if getattr(self.config, name) == default:  # checkpoints still resume
+                resumable.add(name)
         config = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in resumable}
         shapes = {k: list(v.shape) for k, v in self.model.state_dict().items()}
         return {"config": config, "parameter_shapes": shapes, "model": repr(self.model),
@@ -325,7 +387,8 @@ class Trainer:
         state = {"step": self.step, "fingerprint": self._fingerprint(), "metadata": self.metadata,
                  "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
-                 "generator": self.generator.get_state(), "loss": self.last_loss}
+                 "generator": self.generator.get_state(), "loss": self.last_loss,
+                 "scaler": self.scaler.state_dict() if self.scaler is not None else None}
         write_checkpoint(path, state)
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
@@ -338,8 +401,9 @@ class Trainer:
                  if key != "config" and theirs.get(key) != ours[key]]
         diffs += [f"config.{k}: checkpoint {theirs.get('config', {}).get(k)!r} vs now {v!r}"
                   for k, v in ours["config"].items() if theirs.get("config", {}).get(k) != v]
-        if "label_dropout" not in ours["config"] and theirs.get("config", {}).get("label_dropout", 0.0) != 0.0:
-            diffs.append(f"config.label_dropout: checkpoint {theirs['config']['label_dropout']!r} vs now 0.0")
+        for name, default in _LATER_FIELDS.items():
+            if name not in ours["config"] and theirs.get("config", {}).get(name, default) != default:
+                diffs.append(f"config.{name}: checkpoint {theirs['config'][name]!r} vs now {default!r}")
         if diffs:
             hint = (" (a cosine schedule is fixed by its length: only constant-schedule runs can be extended)"
                     if "steps" in ours["config"] and theirs.get("config", {}).get("steps") != self.config.steps else "")
@@ -350,6 +414,8 @@ class Trainer:
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         self.generator.set_state(state["generator"])
+        if self.scaler is not None and state.get("scaler"):  # fp16 runs only (the fingerprint matched)
+            self.scaler.load_state_dict(state["scaler"])
         self.last_loss = float(state.get("loss", float("nan")))  # absent from checkpoints of earlier versions
         self.step = state["step"]
 
