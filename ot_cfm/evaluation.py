@@ -43,18 +43,31 @@ def evaluate_samples(model, source, target, *, n: int = 2000, euler_nfes=(1, 2, 
 
     Returns the SampleQuality and a dict of tensors for plotting: source, target, generated (dopri5,
     or Euler with the last NFE of ``euler_nfes``), and the dopri5 trajectory (101, n, *shape) when ``adaptive``.
+
+    The points are drawn where the samplers draw (the CPU for ``ot_cfm.data``'s, so the same points on every
+    device); the flow is integrated on ``device`` (default: the device of ``model``'s parameters, the CPU for
+    a model without any, e.g. a guided-field closure), and the metrics and returned tensors are on the CPU.
     """
-    x0 = source(n, generator).to(device)
-    x1 = target(n, generator).to(device)
-    floor = wasserstein2(x1, target(n, generator).to(device))
+    device = _device_of(model) if device is None else torch.device(device)
+    x0, x1 = source(n, generator).cpu(), target(n, generator).cpu()
+    floor = wasserstein2(x1, target(n, generator).cpu())
     w2, nfe, npe, tensors = {}, {}, float("nan"), {"source": x0, "target": x1}
+    start = x0.to(device)
     for k in euler_nfes:
-        out = sample(model, x0, solver="euler", steps=k)
-        w2[f"euler-{k}"], nfe[f"euler-{k}"], tensors["generated"] = wasserstein2(out.x, x1), out.nfe, out.x
+        out = sample(model, start, solver="euler", steps=k)
+        generated = out.x.cpu()
+        w2[f"euler-{k}"], nfe[f"euler-{k}"], tensors["generated"] = wasserstein2(generated, x1), out.nfe, generated
     if adaptive:
-        out = sample(model, x0, solver="dopri5", atol=atol, rtol=rtol)
-        w2["dopri5"], nfe["dopri5"], tensors["generated"] = wasserstein2(out.x, x1), out.nfe, out.x
-        path = sample(model, x0, solver="dopri5", atol=atol, rtol=rtol, return_trajectory=True)
-        npe = normalized_path_energy(path.trajectory, path.times, wasserstein2(x0, x1) ** 2)
-        tensors["trajectory"] = path.trajectory
+        out = sample(model, start, solver="dopri5", atol=atol, rtol=rtol)
+        generated = out.x.cpu()
+        w2["dopri5"], nfe["dopri5"], tensors["generated"] = wasserstein2(generated, x1), out.nfe, generated
+        path = sample(model, start, solver="dopri5", atol=atol, rtol=rtol, return_trajectory=True)
+        tensors["trajectory"] = path.trajectory.cpu()
+        npe = normalized_path_energy(tensors["trajectory"], path.times.cpu(), wasserstein2(x0, x1) ** 2)
     return SampleQuality(w2=w2, nfe=nfe, npe=npe, w2_floor=floor), tensors
+
+
+def _device_of(model) -> torch.device:
+    parameters = getattr(model, "parameters", None)
+    first = next(iter(parameters()), None) if callable(parameters) else None
+    return torch.device("cpu") if first is None else first.device

@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from ot_cfm.cli.arrays import _sample_array_checkpoint, _train_array
-from ot_cfm.cli.common import (COUPLERS, TOY_DEFAULTS, _array_only_options, _HelpWithDefaults, _image_only_options,
-                               _load_sampling_model, _threads, _workers)
+from ot_cfm.cli.common import (COUPLERS, PRECISION_CHOICES, TOY_DEFAULTS, _array_only_options, _device_name,
+                               _HelpWithDefaults, _image_only_options, _load_sampling_model, _threads, _train_device,
+                               _workers, resolve_device)
 from ot_cfm.cli.images import EVAL_CHUNK, IMAGE_EMA_DECAY, _sample_image_checkpoint, _train_images
 from ot_cfm.cli.toy import _sample_toy_checkpoint, _train_toy
 from ot_cfm.parallelism import auto_threads
@@ -34,6 +35,7 @@ EXPERIMENTS = {
 
 
 def cmd_train(args) -> int:
+    args.device = _train_device(args)  # a clear error before any data is read or model built
     if args.data is not None:
         return _train_array(args)
     array_only = _array_only_options(args)
@@ -55,7 +57,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_sample(args) -> int:
+    device = resolve_device(args.device)
     model, meta = _load_sampling_model(Path(args.checkpoint))
+    model = model.to(device)  # the noise is drawn on the CPU and moved: the same samples on every device
     if "dataset" in meta:
         torch.set_num_threads(args.threads or auto_threads(model, min(args.n, EVAL_CHUNK), workers=0))
         return _sample_image_checkpoint(args, model, meta)
@@ -146,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", type=_threads, default="auto", metavar="{auto,N}",
                        help="torch threads of the training process (auto: 1 for small models, else the cores the "
                             "workers leave)")
+    train.add_argument("--device", type=_device_name, default="auto", metavar="{auto,cpu,cuda,cuda:N}",
+                       help="where the model trains (auto: cuda when available, else cpu); batches are drawn, and "
+                            "exactly coupled, on the CPU either way")
+    train.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32",
+                       help="autocast dtype of the model's forward and loss (weights and optimizer stay float32); "
+                            "fp16 needs a GPU, the CPU takes bf16")
     train.add_argument("--eval-samples", type=int, default=2000,
                        help="samples of the final evaluation (toy: W2 and NPE; images: Fréchet distance, pixel W2, "
                             "class coverage and conditional accuracy)")
@@ -168,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "the samples ask for the classes 0, 1, ..., K-1, 0, 1, ... in turn")
     smp.add_argument("--threads", type=_threads, default="auto", metavar="{auto,N}",
                      help="torch threads (auto: 1 for small models, else all cores)")
+    smp.add_argument("--device", type=_device_name, default="auto", metavar="{auto,cpu,cuda,cuda:N}",
+                     help="where the model runs (auto: cuda when available, else cpu); the noise is drawn on the "
+                          "CPU, so samples agree across devices up to arithmetic")
     smp.add_argument("--out", default="runs/samples",
                      help="output path without suffix (.pt and .png written: a scatter for toy runs, a sample grid "
                           "for image runs)")

@@ -11,7 +11,7 @@ import torch
 
 from ot_cfm.atomic import atomic_write
 from ot_cfm.cli.common import (METRICS_JSON, TOY_DEFAULTS, _finished_earlier, _image_only_options, _json_value,
-                               _make_coupler)
+                               _make_coupler, _model_device)
 from ot_cfm.parallelism import auto_threads, torch_threads
 from ot_cfm.run_folder import claim_run_folder
 
@@ -45,7 +45,7 @@ def _train_array(args) -> int:
     out = Path(args.out)
     torch.manual_seed(args.seed)  # model initialisation
     model = MLP(data.dim, width=args.width, depth=args.depth, activation=args.activation,
-                time_embedding=args.time_embedding, num_classes=num_classes)
+                time_embedding=args.time_embedding, num_classes=num_classes).to(args.device)
     coupler = _make_coupler(args.coupler, args.epsilon)
     if args.conditional:
         coupler = ClassConditionalCoupler(coupler)
@@ -54,7 +54,8 @@ def _train_array(args) -> int:
                          schedule=args.schedule, grad_clip=args.grad_clip,
                          ema_decay=0.0 if args.ema_decay is None else args.ema_decay, seed=args.seed,
                          checkpoint_every=args.checkpoint_every, out_dir=str(out), progress=not args.no_progress,
-                         workers=args.workers, threads=args.threads, label_dropout=label_dropout)
+                         workers=args.workers, threads=args.threads, label_dropout=label_dropout,
+                         precision=args.precision)
     meta = {"model": model.config, "data": data.name, "dim": data.dim, "conditional": args.conditional,
             "num_classes": data.num_classes, "coupler": args.coupler,
             "mean": None if data.mean is None else data.mean.tolist(),
@@ -70,16 +71,17 @@ def _train_array(args) -> int:
         field = sampling_model
         if args.conditional:  # requested classes drawn like the held-out rows' labels
             rows = torch.randint(0, data.held_out.shape[0], (args.eval_samples,), generator=generator)
-            field = guided_field(sampling_model, data.held_out_labels[rows], guidance)
+            field = guided_field(sampling_model, data.held_out_labels[rows].to(args.device), guidance)
         threads = args.threads or auto_threads(sampling_model, args.eval_samples, workers=0)
         with torch_threads(threads):
             quality, tensors = evaluate_samples(field, source, data.held_out_sampler(), n=args.eval_samples,
-                                                generator=generator)
+                                                generator=generator, device=args.device)
         metrics = {"data": data.name, "dim": data.dim, "standardized": args.standardize,
                    "conditional": args.conditional, "coupler": args.coupler, "steps": result.step,
                    "batch_size": args.batch_size, "final_loss": result.loss,
                    "steps_this_call": result.steps_trained, "train_seconds_this_call": result.seconds,
-                   "workers": result.workers, "threads": result.threads, "train_rows": data.train.shape[0],
+                   "workers": result.workers, "threads": result.threads, "device": str(args.device),
+                   "precision": args.precision, "train_rows": data.train.shape[0],
                    "held_out_rows": data.held_out.shape[0], "eval_samples": args.eval_samples,
                    "guidance": guidance if args.conditional else None, "label_dropout": label_dropout,
                    **quality.as_dict()}
@@ -129,12 +131,14 @@ def _sample_array_checkpoint(args, model, meta: dict) -> int:
         raise ValueError(f"--guidance applies to class-conditional checkpoints; {args.checkpoint} is unconditional")
     x0 = torch.randn((args.n, meta["dim"]), generator=torch.Generator().manual_seed(args.seed))
     labels = torch.arange(args.n) % meta["num_classes"] if conditional else None
-    field = model if labels is None else guided_field(model, labels, 1.0 if args.guidance is None else args.guidance)
+    device = _model_device(model)  # the noise is drawn on the CPU and moved there
+    field = model if labels is None else guided_field(model, labels.to(device),
+                                                      1.0 if args.guidance is None else args.guidance)
     steps = None if args.solver in ("dopri5", "tsit5") else args.steps
     options = dict(solver=args.solver, steps=steps, **({"max_nfe": args.max_nfe} if steps is None else {}))
     with torch.no_grad():
-        out = sample(field, x0, **options)
-    x1 = out.x
+        out = sample(field, x0.to(device), **options)
+    x1 = out.x.cpu()
     if meta.get("mean") is not None:  # back to the file's units
         x1 = x1 * torch.tensor(meta["std"], dtype=x1.dtype) + torch.tensor(meta["mean"], dtype=x1.dtype)
     path = Path(args.out)

@@ -6,11 +6,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from pathlib import Path
+
+import torch
 
 from ot_cfm.checkpoint import read_checkpoint
 
 COUPLERS = ("exact", "sinkhorn", "independent")
+PRECISION_CHOICES = ("fp32", "bf16", "fp16")
 METRICS_JSON = "metrics.json"
 TOY_DEFAULTS = {"source": "8gaussians", "target": "moons"}
 
@@ -129,3 +133,43 @@ class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         return action.help if action.default is None else super()._get_help_string(action)
+
+
+def _device_name(text: str) -> str:
+    """argparse type of --device: auto, cpu, cuda or cuda:N (checked against the machine later)."""
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        return text
+    raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device --device names: "auto" is cuda when ``torch.cuda.is_available()``, else cpu; ValueError when a
+    CUDA device is asked for and this machine (or this torch build) has none or not that one."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available (torch {torch.__version__}, "
+                             f"built with CUDA {torch.version.cuda}); use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
+def _train_device(args) -> torch.device:
+    """The device of a training run, with --precision checked against it (before any data is loaded)."""
+    from ot_cfm.trainer import check_precision
+
+    device = resolve_device(args.device)
+    try:
+        check_precision(args.precision, device)
+    except ValueError as err:
+        raise ValueError(f"--precision {args.precision} --device {args.device}: {err}") from None
+    return device
+
+
+def _model_device(model) -> torch.device:
+    """The device of a module's parameters (the CPU for a parameterless one)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ot_cfm.atomic import atomic_write
-from ot_cfm.cli.common import METRICS_JSON, TOY_DEFAULTS, _finished_earlier, _json_value, _make_coupler
+from ot_cfm.cli.common import METRICS_JSON, TOY_DEFAULTS, _finished_earlier, _json_value, _make_coupler, _model_device
 from ot_cfm.parallelism import auto_threads, torch_threads
 from ot_cfm.run_folder import claim_run_folder
 
@@ -34,16 +34,17 @@ def _image_field(model, labels: torch.Tensor | None, guidance: float):
 
 def _sample_images(model, x0: torch.Tensor, labels: torch.Tensor | None, guidance: float, *, solver: str,
                    steps: int | None, **options):
-    """Integrate x0 (N, C, H, W) in chunks of ``EVAL_CHUNK``; returns (images, NFE). For an adaptive solver
-    the NFE is the mean over the chunks (each chunk takes its own steps)."""
+    """Integrate x0 (N, C, H, W) in chunks of ``EVAL_CHUNK`` on the model's device; returns (images on the CPU,
+    NFE). For an adaptive solver the NFE is the mean over the chunks (each chunk takes its own steps)."""
     from ot_cfm.sampling import sample
 
+    device = _model_device(model)
     images, nfes = [], []
     for start in range(0, x0.shape[0], EVAL_CHUNK):
         chunk = slice(start, start + EVAL_CHUNK)
-        field = _image_field(model, None if labels is None else labels[chunk], guidance)
-        out = sample(field, x0[chunk], solver=solver, steps=steps, **options)
-        images.append(out.x)
+        field = _image_field(model, None if labels is None else labels[chunk].to(device), guidance)
+        out = sample(field, x0[chunk].to(device), solver=solver, steps=steps, **options)
+        images.append(out.x.cpu())
         nfes.append(out.nfe)
     return torch.cat(images), sum(nfes) / len(nfes)
 
@@ -156,6 +157,7 @@ def _train_images(args) -> int:
     else:
         model = MLP(math.prod(data.shape), width=args.width, depth=args.depth, activation=args.activation,
                     time_embedding=args.time_embedding, num_classes=num_classes)
+    model = model.to(args.device)  # initialised on the CPU: the same weights on every device
     coupler = _make_coupler(args.coupler, args.epsilon)
     if args.conditional:
         coupler = ClassConditionalCoupler(coupler)
@@ -164,7 +166,7 @@ def _train_images(args) -> int:
                          schedule=args.schedule, grad_clip=args.grad_clip, ema_decay=ema_decay, seed=args.seed,
                          eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, out_dir=str(out),
                          progress=not args.no_progress, workers=args.workers, threads=args.threads,
-                         label_dropout=label_dropout)
+                         label_dropout=label_dropout, precision=args.precision)
     meta = {"model": model.config, "dataset": data.name, "shape": list(data.shape), "conditional": args.conditional,
             "num_classes": data.num_classes, "class_names": list(data.class_names), "coupler": args.coupler}
     classifier_config = ClassifierConfig(**({} if args.classifier_steps is None else {"steps": args.classifier_steps}))
@@ -199,6 +201,7 @@ def _train_images(args) -> int:
                    "conditional": args.conditional, "coupler": args.coupler, "steps": result.step,
                    "batch_size": args.batch_size, "final_loss": result.loss, "steps_this_call": result.steps_trained,
                    "train_seconds_this_call": result.seconds, "workers": result.workers, "threads": result.threads,
+                   "device": str(args.device), "precision": args.precision,
                    "eval_samples": args.eval_samples, "held_out_images": data.held_out_images.shape[0],
                    "guidance": guidance if args.conditional else None, "label_dropout": label_dropout,
                    "ema_decay": ema_decay, "classifier_steps": classifier_config.steps,

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from ot_cfm.atomic import atomic_write
-from ot_cfm.cli.common import METRICS_JSON, _finished_earlier, _json_value, _make_coupler, _model_from_spec
+from ot_cfm.cli.common import (METRICS_JSON, _finished_earlier, _json_value, _make_coupler, _model_device,
+                               _model_from_spec)
 from ot_cfm.parallelism import auto_threads, torch_threads
 from ot_cfm.run_folder import claim_run_folder
 
@@ -26,12 +27,12 @@ def _train_toy(args) -> int:
     torch.manual_seed(args.seed)  # model initialisation
     spec = dict(dim=2, width=args.width, depth=args.depth, activation=args.activation,
                 time_embedding=args.time_embedding)
-    model = _model_from_spec(spec)
+    model = _model_from_spec(spec).to(args.device)  # initialised on the CPU: the same weights on every device
     matcher = ConditionalFlowMatcher(coupler=_make_coupler(args.coupler, args.epsilon), sigma=args.sigma)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
                          schedule=args.schedule, grad_clip=args.grad_clip, ema_decay=args.ema_decay, seed=args.seed,
                          checkpoint_every=args.checkpoint_every, out_dir=str(out), progress=not args.no_progress,
-                         workers=args.workers, threads=args.threads)
+                         workers=args.workers, threads=args.threads, precision=args.precision)
     meta = {"model": spec, "source": args.source, "target": args.target, "coupler": args.coupler}
     source, target = toy_sampler(args.source), toy_sampler(args.target)
     trainer = Trainer(model, matcher, source, target, config, metadata=meta)
@@ -48,8 +49,8 @@ def _train_toy(args) -> int:
         metrics = {"source": args.source, "target": args.target, "coupler": args.coupler, "steps": result.step,
                    "batch_size": args.batch_size, "final_loss": result.loss,
                    "steps_this_call": result.steps_trained, "train_seconds_this_call": result.seconds,
-                   "workers": result.workers, "threads": result.threads,
-                   "eval_samples": args.eval_samples, **quality.as_dict()}
+                   "workers": result.workers, "threads": result.threads, "device": str(args.device),
+                   "precision": args.precision, "eval_samples": args.eval_samples, **quality.as_dict()}
         text = json.dumps(_json_value(metrics), indent=2, allow_nan=False) + "\n"
         atomic_write(out / METRICS_JSON, lambda f: f.write(text))
         figure = plot_flow_2d(out / "samples.png", tensors["source"], tensors["generated"], tensors["target"],
@@ -66,17 +67,19 @@ def _sample_toy_checkpoint(args, model, meta: dict) -> int:
     from ot_cfm.sampling import sample
 
     g = torch.Generator().manual_seed(args.seed)
-    x0 = toy_sampler(meta["source"])(args.n, g)
+    x0 = toy_sampler(meta["source"])(args.n, g)  # drawn on the CPU; sampled on the model's device
     steps = None if args.solver in ("dopri5", "tsit5") else args.steps
     options = dict(solver=args.solver, steps=steps, **({"max_nfe": args.max_nfe} if steps is None else {}))
-    out = sample(model, x0, **options)  # the samples and their NFE: no stops at plotting times
+    device = _model_device(model)
+    out = sample(model, x0.to(device), **options)  # the samples and their NFE: no stops at plotting times
     # The figure's paths, solved again for the points it draws; an adaptive solver also stops at their times.
-    paths = sample(model, x0[:PLOTTED_PATHS], return_trajectory=True, **options)
+    paths = sample(model, x0[:PLOTTED_PATHS].to(device), return_trajectory=True, **options)
+    x1, trajectory = out.x.cpu(), paths.trajectory.cpu()
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"x0": x0, "x1": out.x, "nfe": out.nfe}, path.with_suffix(".pt"))
-    plot_flow_2d(path.with_suffix(".png"), x0[:PLOTTED_PATHS], out.x, toy_sampler(meta["target"])(args.n, g),
-                 paths.trajectory, max_paths=PLOTTED_PATHS,
+    torch.save({"x0": x0, "x1": x1, "nfe": out.nfe}, path.with_suffix(".pt"))
+    plot_flow_2d(path.with_suffix(".png"), x0[:PLOTTED_PATHS], x1, toy_sampler(meta["target"])(args.n, g),
+                 trajectory, max_paths=PLOTTED_PATHS,
                  title=f"{Path(args.checkpoint).parent.name}: {meta['source']} -> {meta['target']}, "
                        f"{args.solver}, NFE {out.nfe}")
     print(f"sampled {args.n} points with {args.solver} (NFE {out.nfe}); wrote {path.with_suffix('.pt')} "

@@ -2,6 +2,7 @@
 decisions that only matter on a GPU (tested with device names, no GPU needed), and the background-thread
 batch stream."""
 
+import json
 import math
 
 import pytest
@@ -155,3 +156,77 @@ def test_threaded_stream_raises_a_batch_error_at_that_batch():
                                   thread=True)
     with pytest.raises(ValueError, match="broken sampler"):
         next(stream)
+
+
+# --- the command line ---------------------------------------------------------------------------------------
+
+TINY = ["train", "--steps", "10", "--batch-size", "32", "--width", "16", "--eval-samples", "100", "--workers", "0",
+        "--no-progress"]
+
+
+def test_cli_trains_in_bf16_on_the_cpu_and_records_it(tmp_path):
+    from ot_cfm.cli import main
+
+    out = tmp_path / "run"
+    assert main([*TINY, "--device", "cpu", "--precision", "bf16", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["device"] == "cpu" and metrics["precision"] == "bf16"
+    assert math.isfinite(metrics["final_loss"])
+    assert torch.load(out / CHECKPOINT_NAME, weights_only=True)["fingerprint"]["config"]["precision"] == "bf16"
+    assert main(["sample", str(out / CHECKPOINT_NAME), "--device", "cpu", "--n", "20", "--solver", "euler",
+                 "--out", str(tmp_path / "s")]) == 0
+    # the default precision is recorded too, and fp32 runs keep their earlier fingerprint
+    assert main([*TINY, "--device", "cpu", "--out", str(tmp_path / "fp32")]) == 0
+    assert json.loads((tmp_path / "fp32" / "metrics.json").read_text())["precision"] == "fp32"
+
+
+def test_cli_array_and_image_runs_take_device_and_precision(tmp_path):
+    import numpy as np
+
+    from ot_cfm.cli import main
+
+    rows = np.random.default_rng(0).normal(size=(200, 3)).astype(np.float32)
+    np.save(tmp_path / "rows.npy", rows)
+    out = tmp_path / "arrays"
+    assert main([*TINY, "--data", str(tmp_path / "rows.npy"), "--device", "cpu", "--precision", "bf16",
+                 "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["device"], metrics["precision"]) == ("cpu", "bf16")
+    assert main(["train", "--dataset", "digits", "--device", "cpu", "--precision", "fp16", "--out",
+                 str(tmp_path / "img")]) == 2  # refused before the data is read
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cli_cuda_without_cuda_is_a_clear_error(tmp_path, capsys):
+    from ot_cfm.cli import main
+
+    assert main([*TINY, "--device", "cuda", "--out", str(tmp_path / "run")]) == 2
+    assert "--device cuda: CUDA is not available" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    assert main(["sample", str(tmp_path / "missing.pt"), "--device", "cuda:1"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_cli_fp16_on_the_cpu_is_a_clear_error(tmp_path, capsys):
+    from ot_cfm.cli import main
+
+    assert main([*TINY, "--device", "cpu", "--precision", "fp16", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "--precision fp16 --device cpu" in err and "use 'bf16'" in err
+
+
+def test_cli_device_names(monkeypatch):
+    from ot_cfm.cli import build_parser
+    from ot_cfm.cli.common import resolve_device
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--device", "gpu"])
+    assert build_parser().parse_args(["train", "--device", "cuda:1"]).device == "cuda:1"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(ValueError, match="1 CUDA device"):
+        resolve_device("cuda:1")
