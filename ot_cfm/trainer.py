@@ -413,7 +413,11 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
-        self.generator.set_state(state["generator"])
+        try:
+            self.generator.set_state(state["generator"])
+        except RuntimeError as err:  # a CPU generator's state given to a CUDA one, or the reverse
+            raise ValueError(f"checkpoint {path}: its t and eps generator state does not fit a generator on "
+                             f"{self.device} ({err}); resume a run on the kind of device it was trained on") from err
         if self.scaler is not None and state.get("scaler"):  # fp16 runs only (the fingerprint matched)
             self.scaler.load_state_dict(state["scaler"])
         self.last_loss = float(state.get("loss", float("nan")))  # absent from checkpoints of earlier versions
