@@ -8,7 +8,7 @@ import torch
 
 import warnings
 
-__all__ = ["plot_flow_2d", "plot_image_grid", "image_mosaic", "save_figure", "figure_problems",
+__all__ = ["plot_flow_2d", "plot_points_2d", "plot_image_grid", "image_mosaic", "save_figure", "figure_problems",
            "IncompleteFigureWarning"]
 
 
@@ -69,6 +69,30 @@ def plot_flow_2d(path: str | Path, source: torch.Tensor, generated: torch.Tensor
     for ax in axes:
         ax.set_aspect("equal")
     return save_figure(fig, path, title=title, dpi=120)
+
+
+def plot_points_2d(path: str | Path, points: torch.Tensor, labels: torch.Tensor | None = None, *,
+                   title: str) -> Path:
+    """Save a PNG scatter of points (n, 2) (for example the first two coordinates of samples), one colour and
+    legend entry per class when labels (n,) are given."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 6))
+    p = points.detach().cpu()
+    if labels is None:
+        ax.scatter(p[:, 0], p[:, 1], s=3, alpha=0.5)
+    else:
+        labels = labels.cpu()
+        for k in labels.unique().tolist():
+            ax.scatter(p[labels == k, 0], p[labels == k, 1], s=3, alpha=0.5, label=f"class {k}")
+        ax.legend(markerscale=4, fontsize=8)
+    ax.set_xlabel("coordinate 1")
+    ax.set_ylabel("coordinate 2")
+    ax.set_title(title, fontsize=9)
+    return save_figure(fig, path, dpi=120)
 
 
 def image_mosaic(images: torch.Tensor, columns: int, *, pad: int = 1) -> torch.Tensor:

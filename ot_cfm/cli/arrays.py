@@ -13,6 +13,7 @@ from ot_cfm.atomic import atomic_write
 from ot_cfm.cli.common import (METRICS_JSON, TOY_DEFAULTS, _finished_earlier, _image_only_options, _json_value,
                                _make_coupler, _model_device)
 from ot_cfm.parallelism import auto_threads, torch_threads
+from ot_cfm.plotting import plot_points_2d
 from ot_cfm.run_folder import claim_run_folder
 
 
@@ -102,26 +103,6 @@ def _first_two(x: torch.Tensor) -> torch.Tensor:
     return x[:, :2] if x.shape[1] >= 2 else torch.cat([x, torch.zeros_like(x)], dim=1)
 
 
-def _scatter(path: Path, points: torch.Tensor, labels: torch.Tensor | None, *, title: str) -> Path:
-    """Save a PNG scatter of points (n, 2), coloured by class when labels (n,) are given."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 6))
-    p = points.detach().cpu()
-    ax.scatter(p[:, 0], p[:, 1], s=3, alpha=0.5, c=None if labels is None else labels.cpu(),
-               cmap=None if labels is None else "tab10")
-    ax.set_xlabel("coordinate 1")
-    ax.set_ylabel("coordinate 2")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def _sample_array_checkpoint(args, model, meta: dict) -> int:
     from ot_cfm.models import guided_field
     from ot_cfm.sampling import sample
@@ -144,7 +125,7 @@ def _sample_array_checkpoint(args, model, meta: dict) -> int:
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"x0": x0, "x1": x1, "labels": labels, "nfe": out.nfe}, path.with_suffix(".pt"))
-    _scatter(path.with_suffix(".png"), _first_two(x1), labels,
+    plot_points_2d(path.with_suffix(".png"), _first_two(x1), labels,
              title=f"{Path(args.checkpoint).parent.name}: {meta['data']} samples (coordinates 1-2, the file's units), "
                    f"{args.solver}, NFE {out.nfe}")
     print(f"sampled {args.n} rows of dimension {meta['dim']} with {args.solver} (NFE {out.nfe}) in the units of "
