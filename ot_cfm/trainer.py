@@ -281,8 +281,12 @@ class Trainer:
         self.step += 1
         return loss.item()
 
-    def fit(self, *, resume: bool = False) -> TrainResult:
+    def fit(self, *, resume: bool = False, overwrite: bool = False) -> TrainResult:
         """Train up to ``config.steps``; with ``resume`` continue from the checkpoint in ``out_dir`` if there is one.
+
+        A fresh start into an ``out_dir`` that holds another run's checkpoint is refused (ValueError), so two
+        runs never silently overwrite each other: pass ``resume=True`` to continue it or ``overwrite=True``
+        to start over in its place (its checkpoint and training log are replaced).
 
         With ``out_dir``, the folder is created, checked to be writable and held for this run before the first
         step (RunFolderInUseError if another live run holds it), and temporary files of checkpoints whose
@@ -297,8 +301,13 @@ class Trainer:
         with contextlib.ExitStack() as held:
             if self.out_dir is not None:
                 held.enter_context(claim_run_folder(self.out_dir, outputs=(CHECKPOINT_NAME,)))
-                if resume and (self.out_dir / CHECKPOINT_NAME).exists():
-                    self.load_checkpoint(self.out_dir / CHECKPOINT_NAME)
+                existing = self.out_dir / CHECKPOINT_NAME
+                if resume and existing.exists():
+                    self.load_checkpoint(existing)
+                elif existing.exists() and self.step == 0 and not overwrite:  # step > 0: this trainer's own
+                    raise ValueError(f"{self.out_dir} holds another run (its checkpoint {existing}); continue it with "
+                                     "resume=True (ot-cfm train --resume), start over in its place with "
+                                     "overwrite=True (--overwrite), or choose another out_dir (--out)")
                 self._truncate_log()
             if self.step >= self.config.steps:
                 return TrainResult(step=self.step, loss=self.last_loss, seconds=0.0, history=[],

@@ -161,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "class coverage and conditional accuracy)")
     train.add_argument("--out", default="runs/default", help="output folder")
     train.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start over in an --out that holds another run (without it, such a folder is refused)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
 

@@ -64,7 +64,7 @@ def _train_array(args) -> int:
     source = gaussian_sampler((data.dim,))
     trainer = Trainer(model, matcher, source, data.train_sampler(labelled=args.conditional), config, metadata=meta)
     with claim_run_folder(out, outputs=(METRICS_JSON,)):
-        result = trainer.fit(resume=args.resume)
+        result = trainer.fit(resume=args.resume, overwrite=args.overwrite)
         if _finished_earlier(result, out, args.steps):
             return 0
         sampling_model = trainer.sampling_model.eval()

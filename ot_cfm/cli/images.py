@@ -186,7 +186,7 @@ def _train_images(args) -> int:
     trainer = Trainer(model, matcher, gaussian_sampler(data.shape), data.train_sampler(labelled=args.conditional),
                       config, evaluate=grid_during_training if args.eval_every else None, metadata=meta)
     with claim_run_folder(out, outputs=(METRICS_JSON,)):
-        result = trainer.fit(resume=args.resume)
+        result = trainer.fit(resume=args.resume, overwrite=args.overwrite)
         if _finished_earlier(result, out, args.steps):
             return 0
         sampling_model = trainer.sampling_model.eval()

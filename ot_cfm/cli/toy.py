@@ -38,7 +38,7 @@ def _train_toy(args) -> int:
     trainer = Trainer(model, matcher, source, target, config, metadata=meta)
     # the folder is held from the checkpoint's load to the figure, so no other run writes between
     with claim_run_folder(out, outputs=(METRICS_JSON,)):
-        result = trainer.fit(resume=args.resume)
+        result = trainer.fit(resume=args.resume, overwrite=args.overwrite)
         if _finished_earlier(result, out, args.steps):
             return 0
 

@@ -344,3 +344,16 @@ def test_data_option_refuses_what_does_not_fit(tmp_path, capsys, extra, message)
 def test_data_only_options_need_data(tmp_path, capsys):
     assert main(["train", *SMALL, "--standardize", "--out", str(tmp_path / "r")]) == 2
     assert "only --data runs take --standardize" in capsys.readouterr().err
+
+
+def test_a_folder_holding_another_run_is_refused_unless_resumed_or_overwritten(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, "--out", str(out)]) == 0
+    before = (out / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    assert main(["train", *SMALL, "--lr", "0.01", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "holds another run" in err and "--resume" in err and "--overwrite" in err
+    assert (out / "checkpoint.pt").read_bytes() == before  # nothing was written
+    assert main(["train", *SMALL, "--lr", "0.01", "--out", str(out), "--overwrite"]) == 0
+    assert (out / "checkpoint.pt").read_bytes() != before

@@ -267,3 +267,16 @@ def test_automatic_workers_follow_the_coupler(tmp_path):
     assert make_trainer(tmp_path / "independent", steps=2).fit().workers == 0
     exact = exact_trainer(tmp_path / "exact", steps=2).fit()
     assert exact.workers == (min(max(2, available_cores() - 1), available_cores(), 8) if available_cores() >= 2 else 0)
+
+
+def test_fresh_start_into_a_folder_holding_another_run_is_refused(tmp_path):
+    first = make_trainer(tmp_path / "run")
+    first.fit()
+    checkpoint = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    with pytest.raises(ValueError, match="holds another run.*resume=True.*overwrite=True"):
+        make_trainer(tmp_path / "run").fit()
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == checkpoint
+    first.fit()  # the same trainer again: its own checkpoint, nothing to refuse
+    again = make_trainer(tmp_path / "run")
+    again.fit(overwrite=True)
+    assert torch.equal(weights(again), weights(first))  # started over: the same run from scratch
