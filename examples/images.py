@@ -12,6 +12,7 @@ held-out images at Euler NFE 1 and 4 and dopri5, next to the W2 between training
     python examples/images.py                        # digits, writes runs/images/images_digits.{png,md}
     python examples/images.py --figures examples/results   # the committed results
     python examples/images.py --resume               # after an interruption: continue both runs from their checkpoints
+    python examples/images.py --overwrite            # start over where earlier runs left their checkpoints
     python examples/images.py --dataset mnist --data-path ~/data/mnist --figures runs/images
     python examples/images.py --dataset folder --data-path ~/data/faces --image-size 32 --model mlp
     python examples/images.py --quick                # smoke run, outputs in runs/images_quick
@@ -81,7 +82,7 @@ def train(coupler, images: torch.Tensor, args, name: str) -> nn.Module:
     meta = {"dataset": args.dataset, "model": args.model, "shape": list(shape), "method": name}
     trainer = Trainer(model, ConditionalFlowMatcher(coupler), gaussian_sampler(shape), TensorSampler(images), config,
                       metadata=meta)
-    trainer.fit(resume=args.resume)
+    trainer.fit(resume=args.resume, overwrite=args.overwrite)
     return trainer.sampling_model.eval()
 
 
@@ -152,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--figures", type=Path, default=Path("runs/images"),
                    help="where images_<dataset>.png and .md go (the committed ones: examples/results)")
     p.add_argument("--resume", action="store_true", help="continue both runs from their checkpoints in --out")
+    p.add_argument("--overwrite", action="store_true", help="start both runs over in an --out that holds earlier ones")
     p.add_argument("--no-progress", action="store_true")
     return p
 
