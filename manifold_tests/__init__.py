@@ -5,8 +5,19 @@ manifold and is neutral along it; ``measure_hyperbolicity`` measures both for an
 """
 
 from manifold_tests.hyperbolicity import measure_hyperbolicity
-from manifold_tests.manifolds import (MANIFOLD_NAMES, Circle, CliffordTorus, Cylinder, GaussianBlock, PointBlock,
-                                      ProductManifold, Sphere, SphereBlock, Subspace, manifold_by_name)
+from manifold_tests.manifolds import (
+                                      MANIFOLD_NAMES,
+                                      Circle,
+                                      CliffordTorus,
+                                      Cylinder,
+                                      GaussianBlock,
+                                      PointBlock,
+                                      ProductManifold,
+                                      Sphere,
+                                      SphereBlock,
+                                      Subspace,
+                                      manifold_by_name,
+)
 from manifold_tests.report import HyperbolicityReport
 
 __all__ = [

@@ -5,8 +5,7 @@ u_t; the Trainer fits a model v(t, x); ``sample`` integrates v from noise to dat
 """
 
 from ot_cfm import data, image_data, image_metrics, metrics
-from ot_cfm.couplers import (ClassConditionalCoupler, Coupler, ExactOTCoupler, IndependentCoupler, SemidiscreteCoupler,
-                             SinkhornCoupler)
+from ot_cfm.couplers import ClassConditionalCoupler, Coupler, ExactOTCoupler, IndependentCoupler, SemidiscreteCoupler, SinkhornCoupler
 from ot_cfm.evaluation import SampleQuality, evaluate_samples
 from ot_cfm.image_data import ImageDataset, load_image_dataset
 from ot_cfm.matcher import ConditionalFlowMatcher, FlowSample, OTConditionalFlowMatcher

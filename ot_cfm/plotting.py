@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
-
-import warnings
 
 __all__ = ["plot_flow_2d", "plot_points_2d", "plot_image_grid", "image_mosaic", "save_figure", "figure_problems",
            "IncompleteFigureWarning"]

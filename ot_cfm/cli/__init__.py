@@ -17,9 +17,20 @@ from pathlib import Path
 import torch
 
 from ot_cfm.cli.arrays import _sample_array_checkpoint, _train_array
-from ot_cfm.cli.common import (COUPLERS, PRECISION_CHOICES, TOY_DEFAULTS, _array_only_options, _device_name,
-                               _HelpWithDefaults, _image_only_options, _load_sampling_model, _threads, _train_device,
-                               _workers, resolve_device)
+from ot_cfm.cli.common import (
+    COUPLERS,
+    PRECISION_CHOICES,
+    TOY_DEFAULTS,
+    _array_only_options,
+    _device_name,
+    _HelpWithDefaults,
+    _image_only_options,
+    _load_sampling_model,
+    _threads,
+    _train_device,
+    _workers,
+    resolve_device,
+)
 from ot_cfm.cli.images import EVAL_CHUNK, IMAGE_EMA_DECAY, _sample_image_checkpoint, _train_images
 from ot_cfm.cli.toy import _sample_toy_checkpoint, _train_toy
 from ot_cfm.parallelism import auto_threads

@@ -10,8 +10,7 @@ from pathlib import Path
 import torch
 
 from ot_cfm.atomic import atomic_write
-from ot_cfm.cli.common import (METRICS_JSON, TOY_DEFAULTS, _finished_earlier, _image_only_options, _json_value,
-                               _make_coupler, _model_device)
+from ot_cfm.cli.common import METRICS_JSON, TOY_DEFAULTS, _finished_earlier, _image_only_options, _json_value, _make_coupler, _model_device
 from ot_cfm.parallelism import auto_threads, torch_threads
 from ot_cfm.plotting import plot_points_2d
 from ot_cfm.run_folder import claim_run_folder

@@ -8,8 +8,7 @@ from pathlib import Path
 import torch
 
 from ot_cfm.atomic import atomic_write
-from ot_cfm.cli.common import (METRICS_JSON, _finished_earlier, _json_value, _make_coupler, _model_device,
-                               _model_from_spec)
+from ot_cfm.cli.common import METRICS_JSON, _finished_earlier, _json_value, _make_coupler, _model_device, _model_from_spec
 from ot_cfm.parallelism import auto_threads, torch_threads
 from ot_cfm.run_folder import claim_run_folder
 

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from ot_cfm.batches import DATA_STREAM
-from ot_cfm_experiments.batch_size import (Cell, ExperimentConfig, fit_slopes, main, make_target, measure_cell,
-                                              run_experiment)
+from ot_cfm_experiments.batch_size import Cell, ExperimentConfig, fit_slopes, main, make_target, measure_cell, run_experiment
 
 
 def test_quick_mode_writes_csv_and_figures(tmp_path):

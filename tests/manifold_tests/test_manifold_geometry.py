@@ -4,8 +4,18 @@ import pytest
 import torch
 
 from manifold_tests.manifolds import (
-    MANIFOLD_NAMES, CliffordTorus, Circle, Cylinder, GaussianBlock, PointBlock, ProductManifold, Sphere,
-    SphereBlock, Subspace, manifold_by_name)
+    MANIFOLD_NAMES,
+    Circle,
+    CliffordTorus,
+    Cylinder,
+    GaussianBlock,
+    PointBlock,
+    ProductManifold,
+    Sphere,
+    SphereBlock,
+    Subspace,
+    manifold_by_name,
+)
 
 MANIFOLDS = {
     "sphere": lambda: Sphere(2),

@@ -8,7 +8,16 @@ from scipy import integrate, stats
 
 from manifold_tests.hyperbolicity import jacobian_autograd, jacobian_finite_difference, measure_hyperbolicity
 from manifold_tests.manifolds import (
-    CliffordTorus, Circle, Cylinder, GaussianBlock, PointBlock, ProductManifold, Sphere, SphereBlock, Subspace)
+    Circle,
+    CliffordTorus,
+    Cylinder,
+    GaussianBlock,
+    PointBlock,
+    ProductManifold,
+    Sphere,
+    SphereBlock,
+    Subspace,
+)
 from ot_cfm.models import MLP
 from proximal.field import ExactVelocityField
 

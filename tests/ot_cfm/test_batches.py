@@ -115,6 +115,7 @@ def test_bad_worker_settings_raise():
 
 def test_samplers_and_batches_pickle_for_spawned_workers():
     import pickle
+
     from ot_cfm.data import TensorSampler, gaussian_sampler
     for sampler in [toy_sampler("swissroll"), gaussian_sampler((3, 4)), TensorSampler(torch.randn(10, 5))]:
         copy = pickle.loads(pickle.dumps(sampler))

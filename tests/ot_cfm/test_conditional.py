@@ -102,7 +102,7 @@ import os  # noqa: E402
 import signal  # noqa: E402
 
 from ot_cfm.batches import CoupledBatches, batch_generator, coupled_batch_stream  # noqa: E402
-from ot_cfm.data import TensorSampler, gaussian_sampler, toy_sampler  # noqa: E402
+from ot_cfm.data import TensorSampler, gaussian_sampler  # noqa: E402
 from ot_cfm.image_data import load_image_dataset  # noqa: E402
 from ot_cfm.matcher import ConditionalFlowMatcher  # noqa: E402
 from ot_cfm.models import MLP, guided_field  # noqa: E402

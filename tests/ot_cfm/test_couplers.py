@@ -15,9 +15,9 @@ from ot_cfm.couplers import exact as exact_module
 from ot_cfm.couplers import network_simplex as network_simplex_module
 from ot_cfm.couplers.base import centre_and_scale, sample_rows
 from ot_cfm.couplers.exact import ExactOTCoupler
+from ot_cfm.couplers.independent import IndependentCoupler
 from ot_cfm.couplers.multiscale import multiscale_assignment
 from ot_cfm.couplers.network_simplex import certificate_tolerance, certify
-from ot_cfm.couplers.independent import IndependentCoupler
 from ot_cfm.couplers.sinkhorn import SinkhornCoupler
 
 EXACT_BACKENDS = ["auto", "scipy", "multiscale", "pot"]

@@ -19,8 +19,17 @@ import pytest
 import torch
 from PIL import Image
 
-from ot_cfm.image_data import (CIFAR10_CLASSES, ImageDataset, load_image_dataset, read_array_file, read_cifar10,
-                               read_cifar_batch, read_idx, read_image_folder, read_mnist)
+from ot_cfm.image_data import (
+    CIFAR10_CLASSES,
+    ImageDataset,
+    load_image_dataset,
+    read_array_file,
+    read_cifar10,
+    read_cifar_batch,
+    read_idx,
+    read_image_folder,
+    read_mnist,
+)
 
 RNG = np.random.default_rng(0)
 

@@ -12,9 +12,17 @@ import torch
 
 from ot_cfm import image_metrics
 from ot_cfm.image_data import load_image_dataset
-from ot_cfm.image_metrics import (ClassifierConfig, classifier_accuracy, classifier_cache_path, evaluate_images,
-                                  frechet_distance, frechet_distance_from_moments, inception_fid,
-                                  load_or_train_classifier, train_classifier)
+from ot_cfm.image_metrics import (
+    ClassifierConfig,
+    classifier_accuracy,
+    classifier_cache_path,
+    evaluate_images,
+    frechet_distance,
+    frechet_distance_from_moments,
+    inception_fid,
+    load_or_train_classifier,
+    train_classifier,
+)
 
 FAST = ClassifierConfig(steps=400)
 

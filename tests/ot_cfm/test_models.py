@@ -5,8 +5,18 @@ import json
 import pytest
 import torch
 
-from ot_cfm.models import (MLP, UNET_PRESETS, UNet, as_label_tensor, drop_labels, guided_field, is_conditional,
-                           model_from_config, unet, unet_for)
+from ot_cfm.models import (
+    MLP,
+    UNET_PRESETS,
+    UNet,
+    as_label_tensor,
+    drop_labels,
+    guided_field,
+    is_conditional,
+    model_from_config,
+    unet,
+    unet_for,
+)
 from ot_cfm.sampling import sample
 
 # the smallest UNet widths torchcfm allows (GroupNorm with 32 groups), so forward passes stay fast
