@@ -4,13 +4,21 @@ units)."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
 
 from ot_cfm.atomic import atomic_write
-from ot_cfm.cli.common import METRICS_JSON, TOY_DEFAULTS, _finished_earlier, _image_only_options, _json_value, _make_coupler, _model_device
+from ot_cfm.cli.common import (
+    METRICS_JSON,
+    TOY_DEFAULTS,
+    _conditioning,
+    _finished_earlier,
+    _image_only_options,
+    _json_value,
+    _make_coupler,
+    _model_device,
+)
 from ot_cfm.parallelism import auto_threads, torch_threads
 from ot_cfm.plotting import plot_points_2d
 from ot_cfm.run_folder import claim_run_folder
@@ -35,12 +43,7 @@ def _train_array(args) -> int:
     if args.conditional and data.num_classes is None:
         raise ValueError(f"--conditional needs labels: {args.data} has none; name the label column (.csv) or key "
                          "(.npz) with --label-column")
-    guidance = 1.0 if args.guidance is None else args.guidance
-    if not math.isfinite(guidance):
-        raise ValueError(f"--guidance must be a finite number, got {guidance}")
-    if not args.conditional and (args.label_dropout or guidance != 1.0):
-        raise ValueError("--label-dropout and --guidance apply to class-conditional runs: add --conditional")
-    label_dropout = (0.1 if args.conditional else 0.0) if args.label_dropout is None else args.label_dropout
+    guidance, label_dropout = _conditioning(args)
     num_classes = data.num_classes if args.conditional else None
     out = Path(args.out)
     torch.manual_seed(args.seed)  # model initialisation

@@ -173,3 +173,15 @@ def _train_device(args) -> torch.device:
 def _model_device(model) -> torch.device:
     """The device of a module's parameters (the CPU for a parameterless one)."""
     return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def _conditioning(args) -> tuple[float, float]:
+    """(guidance scale, label dropout) of a run from --guidance and --label-dropout: 1.0 and, when
+    --conditional, 0.1 unless given; both refused without --conditional."""
+    guidance = 1.0 if args.guidance is None else args.guidance
+    if not math.isfinite(guidance):
+        raise ValueError(f"--guidance must be a finite number, got {guidance}")
+    if not args.conditional and (args.label_dropout or guidance != 1.0):
+        raise ValueError("--label-dropout and --guidance apply to class-conditional runs: add --conditional")
+    label_dropout = (0.1 if args.conditional else 0.0) if args.label_dropout is None else args.label_dropout
+    return guidance, label_dropout

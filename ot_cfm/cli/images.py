@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ot_cfm.atomic import atomic_write
-from ot_cfm.cli.common import METRICS_JSON, TOY_DEFAULTS, _finished_earlier, _json_value, _make_coupler, _model_device
+from ot_cfm.cli.common import METRICS_JSON, TOY_DEFAULTS, _conditioning, _finished_earlier, _json_value, _make_coupler, _model_device
 from ot_cfm.parallelism import auto_threads, torch_threads
 from ot_cfm.run_folder import claim_run_folder
 
@@ -138,12 +138,7 @@ def _train_images(args) -> int:
         raise ValueError(f"{' and '.join(toy)} choose the 2D toy distributions and cannot be combined with "
                          f"--dataset {args.dataset}: an image run's source is N(0, I) of the image shape; drop "
                          f"{' and '.join(toy)}")
-    guidance = 1.0 if args.guidance is None else args.guidance
-    if not math.isfinite(guidance):
-        raise ValueError(f"--guidance must be a finite number, got {guidance}")
-    if not args.conditional and (args.label_dropout or guidance != 1.0):
-        raise ValueError("--label-dropout and --guidance apply to class-conditional runs: add --conditional")
-    label_dropout = (0.1 if args.conditional else 0.0) if args.label_dropout is None else args.label_dropout
+    guidance, label_dropout = _conditioning(args)
     ema_decay = IMAGE_EMA_DECAY if args.ema_decay is None else args.ema_decay
     if args.inception_weights is not None and not Path(args.inception_weights).is_file():
         raise ValueError(f"--inception-weights {args.inception_weights}: no such file; expected torch-fidelity's "
