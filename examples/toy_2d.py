@@ -25,7 +25,7 @@ from ot_cfm.data import TOY_DATASETS, toy_sampler
 from ot_cfm.evaluation import evaluate_samples
 from ot_cfm.matcher import ConditionalFlowMatcher
 from ot_cfm.models import MLP
-from ot_cfm.plotting import save_figure
+from ot_cfm.plotting import draw_trajectories, save_figure
 from ot_cfm.trainer import TrainConfig, Trainer
 
 METHODS = {"OT-CFM": ExactOTCoupler, "I-CFM": IndependentCoupler}
@@ -60,10 +60,7 @@ def plot(path: Path, results: dict, title: str, max_paths: int = 300) -> None:
         row[0].legend(loc="upper right", markerscale=4)
         row[0].set_title(f"{name}: samples (dopri5), W2 {quality.w2['dopri5']:.3f}, "
                          f"Euler-1 W2 {quality.w2['euler-1']:.3f}")
-        row[1].plot(paths[:, :, 0], paths[:, :, 1], c="olive", alpha=0.25, lw=0.6)
-        row[1].scatter(paths[0, :, 0], paths[0, :, 1], s=3, c="black", label="x0")
-        row[1].scatter(paths[-1, :, 0], paths[-1, :, 1], s=3, c="tab:blue", label="x1")
-        row[1].legend(loc="upper right", markerscale=4)
+        draw_trajectories(row[1], paths, target=target)
         row[1].set_title(f"{name}: trajectories, NPE {quality.npe:.3f}")
         for ax in row:
             ax.set_aspect("equal")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["plot_flow_2d", "plot_points_2d", "plot_image_grid", "image_mosaic", "save_figure", "figure_problems",
+__all__ = ["plot_flow_2d", "draw_trajectories", "plot_points_2d", "plot_image_grid", "image_mosaic", "save_figure", "figure_problems",
            "IncompleteFigureWarning"]
 
 
@@ -57,17 +57,27 @@ def plot_flow_2d(path: str | Path, source: torch.Tensor, generated: torch.Tensor
     axes[0].legend(loc="upper right", markerscale=4)
     axes[0].set_title("samples")
     if trajectory is not None:
-        paths = trajectory.detach().cpu()[:, :max_paths]
-        axes[1].plot(paths[:, :, 0], paths[:, :, 1], c="olive", alpha=0.2, lw=0.6)
-        axes[1].scatter(paths[0, :, 0], paths[0, :, 1], s=3, c="black", label="x0")
-        axes[1].scatter(paths[-1, :, 0], paths[-1, :, 1], s=3, c="tab:blue", label="x1")
-        axes[1].legend(loc="upper right", markerscale=4)
+        draw_trajectories(axes[1], trajectory[:, :max_paths], target=t)
     axes[1].set_title("trajectories")
     axes[0].set_xlabel("$x_1$")
     axes[0].set_ylabel("$x_2$")  # both panels share these axes
     for ax in axes:
         ax.set_aspect("equal")
     return save_figure(fig, path, title=title, dpi=120)
+
+
+def draw_trajectories(ax, trajectory: torch.Tensor, *, target: torch.Tensor | None = None) -> None:
+    """Draw (K, B, 2) ODE trajectories on ``ax``: paths as faint lines, start points x0 as small grey dots,
+    end points x1 on top in blue; ``target`` samples (n, 2), when given, as a faint green background, so that
+    the end points can be read against the shape they should form."""
+    paths = trajectory.detach().cpu()
+    if target is not None:
+        t = target.detach().cpu()
+        ax.scatter(t[:, 0], t[:, 1], s=2, alpha=0.15, c="tab:green", label="target", zorder=1)
+    ax.plot(paths[:, :, 0], paths[:, :, 1], c="olive", alpha=0.15, lw=0.5, zorder=2)
+    ax.scatter(paths[0, :, 0], paths[0, :, 1], s=2, c="0.55", label="x0 (start)", zorder=3)
+    ax.scatter(paths[-1, :, 0], paths[-1, :, 1], s=5, c="tab:blue", label="x1 (end)", zorder=4)
+    ax.legend(loc="upper right", markerscale=3)
 
 
 def plot_points_2d(path: str | Path, points: torch.Tensor, labels: torch.Tensor | None = None, *,

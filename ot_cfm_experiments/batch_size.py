@@ -492,8 +492,11 @@ def write_outputs(rows: Sequence[dict], targets: dict[str, Target], out: str | o
 
     atomic_write(paths[0], write_csv)
     atomic_write(paths[1], lambda f: f.write(_markdown(rows, targets, min_batch, header)))
-    note = ("mean over seeds, band min-max; dashed: fitted slope; squares: Sinkhorn; dotted: B = inf "
-            "(absent when 0 or at round-off, < 1e-8)")
+    # the note names only the marks the figures draw: Sinkhorn squares and B = inf lines when those rows exist
+    drawn = [("sinkhorn", "squares: Sinkhorn coupler"),
+             ("population", "dotted: B = inf, the population coupling (absent when 0 or at round-off, < 1e-8)")]
+    note = "; ".join(["mean over seeds, band min-max; dashed: fitted slope"]
+                     + [text for coupler, text in drawn if any(r["coupler"] == coupler for r in rows)])
     coupling = _metrics(rows, "coupling")
     figures = [("batch_size_coupling.png", [m for m in coupling if m.startswith("coupling")], "exact"),
                ("batch_size_regression.png", [m for m in coupling if m.startswith("regression")], "exact"),
