@@ -251,3 +251,71 @@ def test_inception_fid_with_weights_the_test_creates(tmp_path, monkeypatch):
     ab, ba = inception_fid(a, b, inception_weights=weights), inception_fid(b, a, inception_weights=weights)
     assert not same.skipped and same.value == 0.0
     assert ab.value > 0 and ab.value == pytest.approx(ba.value, rel=1e-6)
+
+
+# ---------------------------------------------------------------- memorisation distances
+
+def _brute_force_nearest(samples, train, exclude=None):
+    """One Python loop per sample over every training image, distances from the differences in float64."""
+    x, y = samples.flatten(1).double(), train.flatten(1).double()
+    distance, index = [], []
+    for i in range(x.shape[0]):
+        d = [float((x[i] - y[j]).norm()) if j != (None if exclude is None else exclude[i]) else float("inf")
+             for j in range(y.shape[0])]
+        index.append(int(np.argmin(d)))
+        distance.append(d[index[-1]])
+    return torch.tensor(distance, dtype=torch.float64), torch.tensor(index)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 256])
+def test_memorisation_distances_match_a_brute_force_loop(chunk_size):
+    g = torch.Generator().manual_seed(0)
+    train = torch.rand(60, 1, 4, 4, generator=g) * 2 - 1
+    samples = torch.cat([torch.rand(25, 1, 4, 4, generator=g) * 2 - 1,
+                         train[[3, 17]] + 0.01 * torch.randn(2, 1, 4, 4, generator=g)])
+    result = image_metrics.memorisation_distances(samples, train, chunk_size=chunk_size)
+    distance, index = _brute_force_nearest(samples, train)
+    assert torch.equal(result.index, index)
+    torch.testing.assert_close(result.distance, distance, rtol=1e-12, atol=1e-12)
+    assert result.index[-2:].tolist() == [3, 17]
+    neighbour, _ = _brute_force_nearest(train[index], train, exclude=index.tolist())
+    torch.testing.assert_close(result.neighbour_distance, neighbour, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(result.ratio, distance / neighbour, rtol=1e-12, atol=0.0)
+    assert result.ratio[-2:].max() < 0.1 < result.ratio[:-2].min()
+    assert result.distance.dtype == result.ratio.dtype == torch.float64 and result.index.dtype == torch.int64
+
+
+def test_copies_of_training_images_have_distance_and_ratio_zero_even_far_from_the_origin():
+    """Far from the origin |a|^2 + |b|^2 - 2ab cancels: float64 on values ~1e4 leaves an error ~1e-8 in the
+    squared distance, i.e. ~1e-4 in the distance. The returned distances come from the differences.
+    Two clusters at -1e4 and +1e4, so that centring on the training mean does not remove the offset."""
+    g = torch.Generator().manual_seed(1)
+    sign = torch.arange(40, dtype=torch.float64).remainder(2).mul(2).sub(1).view(40, 1, 1)
+    train = (1e4 * sign + torch.rand(40, 8, 8, generator=g, dtype=torch.float64)).unsqueeze(1)
+    samples = torch.cat([train[[5, 0, 39]], train[[9]] + 1e-7])
+    result = image_metrics.memorisation_distances(samples, train, chunk_size=3)
+    assert result.index.tolist() == [5, 0, 39, 9]
+    assert result.distance[:3].tolist() == [0.0, 0.0, 0.0] and result.ratio[:3].tolist() == [0.0, 0.0, 0.0]
+    assert float(result.distance[3]) == pytest.approx(float((samples[3] - train[9]).norm()), rel=1e-12)  # ~8e-7
+    torch.testing.assert_close(result.neighbour_distance, _brute_force_nearest(train[result.index], train,
+                                                                                exclude=result.index.tolist())[0])
+
+
+def test_duplicated_training_images_give_ratio_zero_for_copies_and_inf_otherwise():
+    train = torch.tensor([[0.0, 0.0], [0.0, 0.0], [3.0, 4.0]])
+    result = image_metrics.memorisation_distances(torch.tensor([[0.0, 0.0], [0.6, 0.8], [3.0, 4.0]]), train)
+    assert result.distance.tolist() == pytest.approx([0.0, 1.0, 0.0])
+    assert result.neighbour_distance.tolist() == pytest.approx([0.0, 0.0, 5.0])
+    assert result.ratio.tolist() == [0.0, float("inf"), 0.0]
+
+
+def test_memorisation_distances_reject_bad_inputs():
+    train = torch.zeros(5, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"per-sample shape \(1, 4, 4\) and train \(1, 8, 8\)"):
+        image_metrics.memorisation_distances(torch.zeros(2, 1, 4, 4), train)
+    with pytest.raises(ValueError, match="train holds 1 image; expected at least 2"):
+        image_metrics.memorisation_distances(torch.zeros(2, 1, 8, 8), train[:1])
+    with pytest.raises(ValueError, match="samples contains NaN"):
+        image_metrics.memorisation_distances(torch.full((2, 1, 8, 8), float("nan")), train)
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer, got 0"):
+        image_metrics.memorisation_distances(train, train, chunk_size=0)
