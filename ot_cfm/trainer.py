@@ -10,6 +10,10 @@ The model trains on its own device. Batches are always drawn on the CPU (so batc
 device) and, for a coupler that solves on the CPU (exact OT), coupled there too; they reach a CUDA model
 through pinned memory with ``non_blocking`` copies. On a CUDA device with no worker processes a background
 thread draws and couples batch k + 1 while the GPU runs step k (``ot_cfm.batches.overlap_mode``).
+Started by ``torchrun`` (or in a process group the script initialised), the trainer trains data-parallel
+(``ot_cfm.distributed``): ``DistributedDataParallel`` averages the gradients, ``batch_size`` is the global
+batch of which each rank trains on B / W rows, coupled as one global problem or per rank
+(``coupling_mode``), and rank 0 alone writes checkpoints, the metrics log and evaluations.
 ``precision`` "bf16" or "fp16" runs the model's forward and the loss under ``torch.autocast``; weights,
 gradients, loss and optimizer state stay float32.
 Checkpoints load without running code from the file (``ot_cfm.checkpoint``), and an output folder
@@ -26,20 +30,33 @@ import os
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from ot_cfm.batches import DATA_STREAM, CoupledBatches, coupled_batch_stream, overlap_mode, to_device
 from ot_cfm.checkpoint import check_storable, read_checkpoint, write_checkpoint
+from ot_cfm.distributed import (
+    COUPLING_MODES,
+    GlobalBatches,
+    LocalShards,
+    all_agree,
+    distributed_batch_stream,
+    init_from_env,
+    per_rank_batch,
+    run_agreed,
+)
 from ot_cfm.matcher import ConditionalFlowMatcher
-from ot_cfm.models import is_conditional
-from ot_cfm.parallelism import auto_threads, auto_workers, torch_threads
+from ot_cfm.models import drop_labels, is_conditional
+from ot_cfm.parallelism import auto_threads, auto_workers, available_cores, torch_threads
 from ot_cfm.run_folder import claim_run_folder
 
 __all__ = ["TrainConfig", "TrainResult", "Trainer", "CHECKPOINT_NAME", "METRICS_NAME", "PRECISIONS",
@@ -49,7 +66,7 @@ CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 # Fields added after the first checkpoints were written, with their defaults: at the default they stay out of
 # the fingerprint, so checkpoints written before they existed still resume.
-_LATER_FIELDS = {"label_dropout": 0.0, "precision": "fp32"}
+_LATER_FIELDS = {"label_dropout": 0.0, "precision": "fp32", "coupling_mode": "global"}
 # Fields that may change between a run and its resumption without changing the trained weights.
 _RESUMABLE_FIELDS = ("steps", "out_dir", "progress", "eval_every", "checkpoint_every", "log_every", "workers",
                      "threads")
@@ -102,6 +119,13 @@ class TrainConfig:
     under ``torch.autocast`` with that dtype on the model's device (weights, gradients, loss and Adam's state
     stay float32). "fp16" adds a ``torch.amp.GradScaler`` (its state is checkpointed) and needs a GPU; the
     CPU takes "bf16". A non-default precision is part of the checkpoint fingerprint.
+
+    Data-parallel runs (``torchrun``, ``ot_cfm.distributed``): ``batch_size`` is the GLOBAL batch, summed over
+    the W processes; each trains on B / W rows (B must divide by W), so a run resumed with another number of
+    processes goes on with the same global batch. ``coupling_mode`` "global" (default) couples the whole
+    global batch as one problem, solved by one rank per step in turn (the pairs, t and eps one process would
+    draw: the same training, whatever W); "local" couples each rank's B / W rows on their own (W smaller
+    problems, so the pairs depend on W). In a single process both are the same.
     """
 
     steps: int = 5000
@@ -121,8 +145,11 @@ class TrainConfig:
     threads: int | None = None
     label_dropout: float = 0.0
     precision: str = "fp32"
+    coupling_mode: str = "global"
 
     def __post_init__(self):
+        if self.coupling_mode not in COUPLING_MODES:
+            raise ValueError(f"coupling_mode must be one of {COUPLING_MODES}, got {self.coupling_mode!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
         if isinstance(self.label_dropout, bool) or not isinstance(self.label_dropout, (int, float)) \
@@ -152,8 +179,9 @@ class TrainResult:
     ``step``: the run's final step; ``start_step``: where this call began (the checkpoint's step on
     resume; equal to ``step`` when the resumed run had already finished, and then nothing was trained);
     ``loss``: the last logged loss of the run (NaN when none was ever logged); ``seconds``: wall time of this
-    call; ``history``: the metrics rows logged by this call; ``workers`` and ``threads``: the worker
-    processes and torch threads this call trained with.
+    call; ``history``: the metrics rows logged by this call (evaluations on rank 0 only); ``workers`` and
+    ``threads``: the worker processes and torch threads this call trained with (per process);
+    ``world_size``: the number of data-parallel processes.
     """
 
     step: int
@@ -163,6 +191,7 @@ class TrainResult:
     start_step: int
     workers: int
     threads: int
+    world_size: int = 1
 
     @property
     def steps_trained(self) -> int:
@@ -215,6 +244,14 @@ class Trainer:
         self.step = 0
         self.last_loss = float("nan")  # the last logged loss, kept in checkpoints
         self.out_dir = Path(config.out_dir) if config.out_dir else None
+        # data-parallel: None in a single process (ot_cfm.distributed.init_from_env)
+        self.distributed = init_from_env(self.device)
+        self.world_size = self.distributed.world_size if self.distributed else 1
+        per_rank_batch(config.batch_size, self.world_size)  # a global batch that does not split is refused now
+        self.is_main = self.distributed is None or self.distributed.is_main
+        # the module the training step calls: DDP (which all-reduces the gradients) around the model, or the model
+        self.forward_model = (DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda"
+                                                      else None) if self.distributed else model)
 
     @property
     def sampling_model(self) -> nn.Module:
@@ -245,22 +282,35 @@ class Trainer:
 
     def train_step(self, batch: tuple[torch.Tensor, ...] | None = None) -> float:
         """One optimisation step on ``batch`` (coupled (x0, x1), or (x0, x1, y1) with labels, of this step; drawn
-        here when None); returns the loss."""
+        here when None); returns the loss.
+
+        Data-parallel, ``batch`` holds this rank's B / W rows of the step's coupled global batch (as
+        ``distributed_batch_stream`` yields them) and the returned loss is the mean over all ranks."""
         c = self.config
-        batch = self.batches()[self.step] if batch is None else batch
+        if batch is None:
+            batch = self.batches()[self.step] if self.distributed is None else next(self._stream(
+                range(self.step, self.step + 1), workers=0, thread=False))
         if (len(batch) == 3) != self.conditional:
             _check_labels_match(self.conditional, self.model, _Drew(len(batch) == 3), c.label_dropout)
         x0, x1, *y1 = to_device(batch, self.device)
         self.model.train()
         with self._autocast():
-            if self.conditional:
+            if self.distributed is not None:
+                loss = self._rows_loss(x0, x1, y1[0] if y1 else None)
+            elif self.conditional:
                 loss = self.matcher.loss(self.model, x0, x1, generator=self.generator, coupled=True,
                                          y1=y1[0], label_dropout=c.label_dropout)
             else:
                 loss = self.matcher.loss(self.model, x0, x1, generator=self.generator, coupled=True)
         loss = loss.float()  # a no-op in float32; under autocast the loss is reduced and reported in float32
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"loss became {loss.item()} at step {self.step}; lower lr or enable grad_clip"
+        if self.distributed is not None:  # every rank sees the global mean, and stops on a non-finite one
+            total = loss.detach().to(self.distributed.comm_device, copy=True)
+            dist.all_reduce(total)
+            reported = total / self.world_size
+        else:
+            reported = loss
+        if not torch.isfinite(reported):
+            raise RuntimeError(f"loss became {reported.item()} at step {self.step}; lower lr or enable grad_clip"
                                + (" (or train in fp32)" if self.autocast_dtype is not None else ""))
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is None:
@@ -279,7 +329,45 @@ class Trainer:
         if self.ema is not None:
             self.ema.update_parameters(self.model)
         self.step += 1
-        return loss.item()
+        return reported.item()
+
+    def _rows_loss(self, x0: torch.Tensor, x1: torch.Tensor, y1: torch.Tensor | None) -> torch.Tensor:
+        """The flow-matching loss of this rank's rows of the global batch, mean over them and the coordinates.
+
+        t, eps (and dropped labels) are drawn for all B rows with the trainer's generator, as one process on
+        the whole batch draws them, and this rank keeps its rows: every rank's generator stays in step with a
+        single process's, and with equal shares DDP's mean of the ranks' gradients is the gradient of the
+        global mean loss."""
+        rows, batch_size = self.distributed.rows(self.config.batch_size), self.config.batch_size
+        full_x0 = x0.new_zeros((batch_size, *x0.shape[1:]))
+        full_x1 = x1.new_zeros((batch_size, *x1.shape[1:]))
+        full_x0[rows], full_x1[rows] = x0, x1
+        s = self.matcher.sample(full_x0, full_x1, generator=self.generator, coupled=True)
+        if self.conditional:
+            full_y1 = y1.new_zeros(batch_size)
+            full_y1[rows] = y1
+            y = drop_labels(full_y1, self.config.label_dropout, self.model.null_label, self.generator)[rows]
+            v = self.forward_model(s.t[rows], s.x_t[rows], y)
+        else:
+            v = self.forward_model(s.t[rows], s.x_t[rows])
+        if v.shape != s.u_t[rows].shape:
+            raise ValueError(f"model returned shape {tuple(v.shape)}, expected {tuple(s.u_t[rows].shape)} (x_t's shape)")
+        return torch.mean((v - s.u_t[rows]) ** 2)
+
+    def _stream(self, steps: range, *, workers: int, thread: bool):
+        """This process's batches of ``steps``: the coupled batches, or data-parallel this rank's rows of them."""
+        c = self.config
+        if self.distributed is None:
+            return coupled_batch_stream(self.batches("cpu" if workers else None), steps, workers=workers,
+                                        limit_threads=False, thread=thread)
+        d = self.distributed
+        if c.coupling_mode == "global":
+            data = GlobalBatches(self.source, self.target, self.matcher.coupler, c.batch_size, c.seed, d.rank,
+                                 d.world_size)
+        else:
+            data = LocalShards(self.source, self.target, self.matcher.couple, c.batch_size, c.seed, d.rank,
+                               d.world_size)
+        return distributed_batch_stream(data, steps, d, workers=workers, thread=thread)
 
     def fit(self, *, resume: bool = False, overwrite: bool = False) -> TrainResult:
         """Train up to ``config.steps``; with ``resume`` continue from the checkpoint in ``out_dir`` if there is one.
@@ -295,41 +383,69 @@ class Trainer:
 
         Ctrl-C (SIGINT, in the main thread) is honoured at the next step boundary: the checkpoint is
         written first, then KeyboardInterrupt propagates, so an interrupted run loses nothing.
+
+        Data-parallel, rank 0 holds the folder and writes in it; every rank reads the checkpoint to resume (on
+        several machines ``out_dir`` must be a filesystem they share: ranks that resume at different steps are
+        an error), and a failure of this set-up on any rank is raised on every rank.
         """
         if resume and self.out_dir is None:
             raise ValueError("resume needs config.out_dir, where the checkpoint lives")
         with contextlib.ExitStack() as held:
             if self.out_dir is not None:
-                held.enter_context(claim_run_folder(self.out_dir, outputs=(CHECKPOINT_NAME,)))
-                existing = self.out_dir / CHECKPOINT_NAME
-                if resume and existing.exists():
-                    self.load_checkpoint(existing)
-                elif existing.exists() and self.step == 0 and not overwrite:  # step > 0: this trainer's own
-                    raise ValueError(f"{self.out_dir} holds another run (its checkpoint {existing}); continue it with "
-                                     "resume=True (ot-cfm train --resume), start over in its place with "
-                                     "overwrite=True (--overwrite), or choose another out_dir (--out)")
-                self._truncate_log()
+                run_agreed(self.distributed, lambda: self._open_run_folder(held, resume, overwrite))
+                self._check_same_step()
             if self.step >= self.config.steps:
                 return TrainResult(step=self.step, loss=self.last_loss, seconds=0.0, history=[],
-                                   start_step=self.step, workers=0, threads=torch.get_num_threads())
+                                   start_step=self.step, workers=0, threads=torch.get_num_threads(),
+                                   world_size=self.world_size)
             workers, threads = self._parallelism()
             with torch_threads(threads):
                 return self._train(workers, threads)
 
+    def _open_run_folder(self, held: contextlib.ExitStack, resume: bool, overwrite: bool) -> None:
+        """Hold out_dir (rank 0), load the checkpoint to resume from or refuse to start over another run's."""
+        if self.is_main:
+            held.enter_context(claim_run_folder(self.out_dir, outputs=(CHECKPOINT_NAME,)))
+        existing = self.out_dir / CHECKPOINT_NAME
+        if resume and existing.exists():
+            self.load_checkpoint(existing)
+        elif existing.exists() and self.step == 0 and not overwrite:  # step > 0: this trainer's own
+            raise ValueError(f"{self.out_dir} holds another run (its checkpoint {existing}); continue it with "
+                             "resume=True (ot-cfm train --resume), start over in its place with "
+                             "overwrite=True (--overwrite), or choose another out_dir (--out)")
+        if self.is_main:
+            self._truncate_log()
+
+    def _check_same_step(self) -> None:
+        """ValueError on every rank when the ranks start at different steps (a checkpoint some did not see)."""
+        if self.distributed is None:
+            return
+        steps = [None] * self.world_size
+        dist.all_gather_object(steps, self.step)
+        if len(set(steps)) > 1:
+            raise ValueError(f"the processes start at different steps {steps}: each reads {self.out_dir / CHECKPOINT_NAME} "
+                             "to resume, so on several machines out_dir must be on a filesystem that all of them share")
+
     def _parallelism(self) -> tuple[int, int]:
+        """(workers, threads) of this process; data-parallel processes on one machine share its cores."""
         c = self.config
-        workers = auto_workers(self.matcher.coupler, self.batches("cpu"))[0] if c.workers == "auto" else c.workers
-        threads = c.threads if c.threads is not None else auto_threads(self.model, c.batch_size, workers)
+        local = self.distributed.local_world_size if self.distributed else 1
+        cores = max(1, available_cores() // local)
+        batch_size = per_rank_batch(c.batch_size, self.world_size)
+        workers = (auto_workers(self.matcher.coupler, self.batches("cpu"), cores=cores)[0] if c.workers == "auto"
+                   else c.workers)
+        threads = c.threads if c.threads is not None else auto_threads(self.model, batch_size, workers, cores=cores)
         return workers, threads
 
     def _train(self, workers: int, threads: int) -> TrainResult:
         c = self.config
         start, start_step, history, losses = time.perf_counter(), self.step, [], []
-        bar = tqdm(total=c.steps, initial=self.step, disable=not c.progress, dynamic_ncols=True,
-                   desc=f"train ({workers} worker{'s' * (workers != 1)}, {threads} thread{'s' * (threads != 1)})")
+        processes = f"{self.world_size} processes x " if self.distributed else ""
+        bar = tqdm(total=c.steps, initial=self.step, disable=not (c.progress and self.is_main), dynamic_ncols=True,
+                   desc=f"train ({processes}{workers} worker{'s' * (workers != 1)}, "
+                        f"{threads} thread{'s' * (threads != 1)})")
         thread = overlap_mode(self.device, workers, self.coupling_device) == "thread"
-        batches = coupled_batch_stream(self.batches("cpu" if workers else None), range(self.step, c.steps),
-                                       workers=workers, limit_threads=False, thread=thread)
+        batches = self._stream(range(self.step, c.steps), workers=workers, thread=thread)
         with _interrupts_at_step_boundaries() as interrupted, contextlib.closing(bar), contextlib.closing(batches):
             for batch in batches:
                 losses.append(self.train_step(batch))
@@ -339,18 +455,24 @@ class Trainer:
                     row.update(step=self.step, loss=sum(losses) / len(losses), lr=self.scheduler.get_last_lr()[0])
                     bar.set_postfix(loss=f"{row['loss']:.4f}")
                     self.last_loss, losses = row["loss"], []
-                if self.evaluate is not None and ((c.eval_every and self.step % c.eval_every == 0) or self.step == c.steps):
+                if self.is_main and self.evaluate is not None and (
+                        (c.eval_every and self.step % c.eval_every == 0) or self.step == c.steps):
                     row.update(step=self.step, **self._evaluate())
                 if row:
                     history.append(row)
                     self._log(row)
-                stop = interrupted()
-                if self.out_dir is not None and (stop or self.step % c.checkpoint_every == 0 or self.step == c.steps):
+                stop = interrupted() if self.distributed is None else all_agree(self.distributed, interrupted())
+                if self.is_main and self.out_dir is not None and (
+                        stop or self.step % c.checkpoint_every == 0 or self.step == c.steps):
                     self.save_checkpoint(self.out_dir / CHECKPOINT_NAME)
                 if stop:
+                    if self.distributed is not None:
+                        dist.barrier()  # no rank leaves (and has torchrun stop the others) before the checkpoint is written
                     raise KeyboardInterrupt(f"training interrupted at step {self.step}; checkpoint saved")
+        if self.distributed is not None:
+            dist.barrier()  # the last checkpoint is written before any rank returns
         return TrainResult(step=self.step, loss=self.last_loss, seconds=time.perf_counter() - start, history=history,
-                           start_step=start_step, workers=workers, threads=threads)
+                           start_step=start_step, workers=workers, threads=threads, world_size=self.world_size)
 
     def _evaluate(self) -> dict:
         model = self.sampling_model
@@ -362,7 +484,7 @@ class Trainer:
             model.train(was_training)
 
     def _log(self, row: dict) -> None:
-        if self.out_dir is not None:
+        if self.out_dir is not None and self.is_main:
             with open(self.out_dir / METRICS_NAME, "a") as f:
                 f.write(_json_line(row))
 
@@ -397,7 +519,8 @@ class Trainer:
                  "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
                  "generator": self.generator.get_state(), "loss": self.last_loss,
-                 "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                 "world_size": self.world_size}
         write_checkpoint(path, state)
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
@@ -431,6 +554,15 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.last_loss = float(state.get("loss", float("nan")))  # absent from checkpoints of earlier versions
         self.step = state["step"]
+        saved_world = int(state.get("world_size", 1))  # absent from checkpoints of single-process versions
+        if saved_world != self.world_size and self.is_main:
+            same = ("the same pairs, t and eps: the run continues as it would have"
+                    if self.config.coupling_mode == "global" else
+                    f"coupling_mode 'local' now couples {self.world_size} shard(s) of "
+                    f"{self.config.batch_size // self.world_size} instead of {saved_world}")
+            warnings.warn(f"resuming {path} (step {self.step}), trained by {saved_world} process(es), with "
+                          f"{self.world_size}: the global batch stays {self.config.batch_size}, "
+                          f"{self.config.batch_size // self.world_size} rows per process; {same}", stacklevel=2)
 
 
 class _Drew:
