@@ -35,7 +35,8 @@ from torch import nn
 from ot_cfm.validation import as_time_tensor
 
 __all__ = ["ACTIVATIONS", "MLP", "SinusoidalTimeEmbedding", "UNet", "UNetPreset", "UNET_PRESETS", "unet_for",
-           "unet", "is_conditional", "as_label_tensor", "drop_labels", "guided_field", "model_from_config"]
+           "unet", "is_conditional", "has_score", "FlowAndScore", "as_label_tensor", "drop_labels", "guided_field",
+           "model_from_config"]
 
 #: activation name -> module class, the choices of ``MLP(activation=...)``
 ACTIVATIONS = {"selu": nn.SELU, "relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU, "tanh": nn.Tanh, "elu": nn.ELU}
@@ -47,6 +48,12 @@ _GROUPS = 32
 def is_conditional(model) -> bool:
     """True when ``model`` is class-conditional (called ``model(t, x, y)``), i.e. has a ``num_classes`` set."""
     return getattr(model, "num_classes", None) is not None
+
+
+def has_score(model) -> bool:
+    """True when ``model`` has a score head: a callable ``model.score(t, x)`` (``model.score(t, x, y)`` when
+    conditional) estimating grad_x log p_t(x), as ``FlowAndScore`` has."""
+    return callable(getattr(model, "score", None))
 
 
 def as_label_tensor(y, like: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -360,10 +367,53 @@ def unet(shape: tuple[int, int, int], channels: int = 32, res_blocks: int = 1, n
                 num_classes=num_classes, **kwargs)
 
 
+class FlowAndScore(nn.Module):
+    """A flow network and a score network as one model (Schrodinger-bridge CFM, ``ot_cfm.sde``).
+
+    ``model(t, x[, y])`` is the flow v(t, x), so the model samples like any other with ``ot_cfm.sampling.sample``;
+    ``model.score(t, x[, y])`` estimates the score grad_x log p_t(x), (B, *shape), trained by the matcher's
+    loss (its score term) and used by ``ot_cfm.sde.sample_sde`` as dx = [v + sigma^2 / 2 s] dt + sigma dW.
+
+    Args:
+        flow, score: models under the model contract (e.g. two ``MLP(dim)``), both unconditional or both
+            conditional with the same ``num_classes``.
+    """
+
+    def __init__(self, flow: nn.Module, score: nn.Module):
+        super().__init__()
+        if getattr(flow, "num_classes", None) != getattr(score, "num_classes", None):
+            raise ValueError(f"flow and score must take the same labels, got num_classes "
+                             f"{getattr(flow, 'num_classes', None)} (flow) and {getattr(score, 'num_classes', None)} "
+                             "(score)")
+        self.flow_net, self.score_net = flow, score
+        self.num_classes = getattr(flow, "num_classes", None)
+
+    @property
+    def null_label(self) -> int | None:
+        """The label meaning "unconditional" (``num_classes``); None for an unconditional model."""
+        return self.num_classes
+
+    @property
+    def config(self) -> dict:
+        """kind "flow_and_score" with both networks' configs: ``model_from_config`` rebuilds it."""
+        return dict(kind="flow_and_score", flow=self.flow_net.config, score=self.score_net.config)
+
+    def forward(self, t: torch.Tensor | float, x: torch.Tensor, y: torch.Tensor | int | None = None) -> torch.Tensor:
+        return self.flow_net(t, x) if y is None else self.flow_net(t, x, y)
+
+    def score(self, t: torch.Tensor | float, x: torch.Tensor, y: torch.Tensor | int | None = None) -> torch.Tensor:
+        """The score estimate s(t, x) ~ grad_x log p_t(x), x's shape."""
+        return self.score_net(t, x) if y is None else self.score_net(t, x, y)
+
+
 def model_from_config(config: dict) -> nn.Module:
-    """Build an untrained MLP or UNet from ``model.config`` (a dict of plain values, storable in checkpoints)."""
-    if not isinstance(config, dict) or config.get("kind") not in ("mlp", "unet"):
-        raise ValueError(f"config must be a dict with kind 'mlp' or 'unet' (a model's .config), got {config!r}")
+    """Build an untrained MLP, UNet or FlowAndScore from ``model.config`` (a dict of plain values, storable in
+    checkpoints)."""
+    if not isinstance(config, dict) or config.get("kind") not in ("mlp", "unet", "flow_and_score"):
+        raise ValueError(f"config must be a dict with kind 'mlp', 'unet' or 'flow_and_score' (a model's .config), "
+                         f"got {config!r}")
+    if config["kind"] == "flow_and_score":
+        return FlowAndScore(model_from_config(config["flow"]), model_from_config(config["score"]))
     args = {k: v for k, v in config.items() if k != "kind"}
     if config["kind"] == "mlp":
         return MLP(**args)

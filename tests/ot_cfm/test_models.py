@@ -211,7 +211,7 @@ def test_config_rebuilds_the_same_network_and_is_storable():
         x, y = torch.randn(2, 1, 8, 8), torch.tensor([0, 3])
         with torch.no_grad():
             assert torch.equal(twin(0.5, x, y), model(0.5, x, y))
-    with pytest.raises(ValueError, match="kind 'mlp' or 'unet'"):
+    with pytest.raises(ValueError, match="kind 'mlp', 'unet' or 'flow_and_score'"):
         model_from_config({"kind": "resnet"})
 
 
