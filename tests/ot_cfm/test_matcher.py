@@ -142,3 +142,34 @@ def test_coupler_named_as_torchcfm_users_write_it(name, kind):
 def test_anything_else_as_coupler_is_refused_naming_what_is_accepted(bad, match):
     with pytest.raises(ValueError, match=match):
         ConditionalFlowMatcher(coupler=bad)
+
+
+@pytest.mark.parametrize("sigma", [0.0, 0.25])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_default_path_gives_bitwise_the_straight_interpolant(sigma, dtype):
+    """The default matcher (StraightPath(sigma)) returns bit for bit x_t = t x1 + (1 - t) x0 + sigma eps and
+    u_t = x1 - x0, with t and eps drawn in that order from the generator, as before paths existed."""
+    g = torch.Generator().manual_seed(1)
+    x0, x1 = torch.randn(32, 3, generator=g, dtype=dtype), torch.randn(32, 3, generator=g, dtype=dtype)
+    s = ConditionalFlowMatcher(sigma=sigma).sample(x0, x1, generator=torch.Generator().manual_seed(8))
+    g = torch.Generator().manual_seed(8)
+    t = torch.rand(32, generator=g, dtype=dtype)
+    eps = torch.randn(32, 3, generator=g, dtype=dtype)
+    assert torch.equal(s.t, t) and torch.equal(s.noise, eps)
+    assert torch.equal(s.x_t, t[:, None] * x1 + (1 - t[:, None]) * x0 + sigma * eps)
+    assert torch.equal(s.u_t, x1 - x0)
+
+
+def test_guided_sample_carries_labels_with_their_points():
+    """torchcfm's guided signature: after exact OT re-pairing each returned label is still the label of its
+    returned point (labels here encode the point's row), and the output follows return_noise."""
+    g = torch.Generator().manual_seed(4)
+    x0, x1 = torch.randn(24, 2, generator=g), torch.randn(24, 2, generator=g) + 3
+    y0, y1 = torch.arange(24), torch.arange(100, 124)
+    m = OTConditionalFlowMatcher()
+    t, xt, ut, a, b = m.guided_sample_location_and_conditional_flow(x0, x1, y0, y1, t=torch.zeros(24))
+    assert torch.equal(xt, x0[a])
+    torch.testing.assert_close(xt + ut, x1[b - 100])
+    assert not torch.equal(b, y1)  # the coupling did move the targets
+    out = m.guided_sample_location_and_conditional_flow(x0, x1, y1=y1, return_noise=True)
+    assert len(out) == 6 and out[3] is None and out[5].shape == x0.shape
