@@ -1,0 +1,383 @@
+"""Digits on a CPU: OT-CFM against I-CFM and torchcfm's OT-CFM, unconditional and class-conditional.
+
+Five variants train on scikit-learn's 8x8 digits (embedded; the library's seeded split, 1438 images
+for training, 359 held out) with one model, one optimiser loop (``Trainer``) and equal steps and seeds:
+
+- ``OT-CFM``: exact minibatch OT (``ExactOTCoupler``);  ``I-CFM``: independent pairs (``IndependentCoupler``);
+- ``torchcfm OT-CFM``: torchcfm's ``ExactOptimalTransportConditionalFlowMatcher`` makes (t, x_t, u_t) from the
+  same batches, our model and loop train on them (the reference; unconditional);
+- ``OT-CFM, conditional``: OT within classes (``ClassConditionalCoupler``); ``I-CFM, conditional``: independent
+  pairs; both with label dropout and classifier-free guidance (``guided_field``) at sampling.
+
+Every variant of a seed starts from the same initial weights (ot-cfm's ``MLP``; the 8x8 UNet preset takes
+about 60 times as long per step on a CPU) and draws the same noise, data and t. Metrics, on fixed noise
+against the held-out images, at Euler NFE 1, 2, 4, 8 and dopri5: the Fréchet distance in the feature space of
+the package's classifier, pixel W2, mode coverage (entropy of the classifier's label histogram over log 10,
+share of the least frequent class) and, for conditional variants, the share classified as the class asked
+for (``ot_cfm.cli.images._evaluate_images``, as ``ot-cfm train --dataset digits`` reports them). Mean ± sample
+standard deviation over seeds.
+
+Memorisation: the exact OT-CFM field of the training images (``proximal``'s discrete Brenier potential, fitted
+semi-discretely from N(0, I)) carries every noise image to a training image. The figure shows learned samples
+beside exact-field samples from the same noise, each with its distance to the nearest training image and the
+ratio of that distance to the training image's own nearest-neighbour distance
+(``ot_cfm.image_metrics.memorisation_distances``).
+
+    python examples/digits.py                            # writes runs/digits/digits.{md,json} and figures
+    python examples/digits.py --out examples/results     # the committed results
+    python examples/digits.py --seeds 0 1 2 3 4 --steps 5000
+    python examples/digits.py --quick                    # smoke run (seconds), writes runs/digits_quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ot_cfm.atomic import atomic_write
+from ot_cfm.cli.images import IMAGE_EULER_NFES, _evaluate_images, _sample_images, _write_grid
+from ot_cfm.couplers.conditional import ClassConditionalCoupler
+from ot_cfm.couplers.exact import ExactOTCoupler
+from ot_cfm.couplers.independent import IndependentCoupler
+from ot_cfm.data import gaussian_sampler
+from ot_cfm.image_data import ImageDataset, load_image_dataset
+from ot_cfm.image_metrics import ClassifierConfig, classifier_accuracy, evaluate_images, load_or_train_classifier, memorisation_distances
+from ot_cfm.matcher import ConditionalFlowMatcher
+from ot_cfm.metrics import wasserstein2
+from ot_cfm.models import MLP
+from ot_cfm.plotting import image_mosaic, save_figure
+from ot_cfm.sampling import sample
+from ot_cfm.trainer import TrainConfig, Trainer
+from proximal import ExactVelocityField, fit_discrete_potential
+
+SOLVERS = tuple(f"euler-{k}" for k in IMAGE_EULER_NFES) + ("dopri5",)
+METRICS = {"frechet_distance": "Fréchet distance (classifier features)", "w2": "pixel W2",
+           "coverage_entropy": "coverage entropy", "least_frequent_share": "least-class share",
+           "conditional_accuracy": "conditional accuracy"}
+WARMUP_STEPS = 100  # at most; a tenth of the steps in shorter runs
+MEMORISATION_SHOWN = 8  # samples shown in the memorisation figure (the histogram uses all of them)
+
+
+class TorchcfmMatcher(ConditionalFlowMatcher):
+    """torchcfm's ``ExactOptimalTransportConditionalFlowMatcher`` (sigma 0) as the Trainer's matcher: the batches
+    arrive as i.i.d. draws (no coupler of ours), torchcfm samples its plan, t and (t, x_t, u_t), and the loss is
+    E |v(t, x_t) - u_t|^2, as in torchcfm's README. torchcfm draws from numpy's and torch's global generators."""
+
+    def __init__(self):
+        from torchcfm.conditional_flow_matching import ExactOptimalTransportConditionalFlowMatcher
+
+        super().__init__(coupler=None, sigma=0.0)
+        self.reference = ExactOptimalTransportConditionalFlowMatcher(sigma=0.0)
+
+    def __repr__(self) -> str:
+        return "TorchcfmMatcher(ExactOptimalTransportConditionalFlowMatcher(sigma=0.0))"
+
+    def loss(self, model, x0: torch.Tensor, x1: torch.Tensor, **_) -> torch.Tensor:
+        t, x_t, u_t = self.reference.sample_location_and_conditional_flow(x0, x1)
+        return torch.mean((model(t, x_t) - u_t) ** 2)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    conditional: bool
+
+    def matcher(self) -> ConditionalFlowMatcher:
+        if self.name.startswith("torchcfm"):
+            return TorchcfmMatcher()
+        if self.name.startswith("OT-CFM"):
+            return ConditionalFlowMatcher(ClassConditionalCoupler() if self.conditional else ExactOTCoupler())
+        return ConditionalFlowMatcher(IndependentCoupler())
+
+
+VARIANTS = (Variant("OT-CFM", False), Variant("I-CFM", False), Variant("torchcfm OT-CFM", False),
+            Variant("OT-CFM, conditional", True), Variant("I-CFM, conditional", True))
+
+
+def warmup_steps(steps: int) -> int:
+    return min(WARMUP_STEPS, steps // 10)
+
+
+def build_model(args, conditional: bool, num_classes: int) -> nn.Module:
+    return MLP(64, width=args.width, depth=args.depth, time_embedding=args.time_embedding,
+               num_classes=num_classes if conditional else None)
+
+
+def train(variant: Variant, data: ImageDataset, args, seed: int) -> tuple[nn.Module, float]:
+    """Train one variant for one seed; returns (EMA model in eval mode, training seconds)."""
+    torch.manual_seed(seed)  # model initialisation: the same initial weights for every variant of a seed
+    np.random.seed(seed)     # torchcfm's plan sampling draws from numpy's global generator
+    model = build_model(args, variant.conditional, data.num_classes)
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=warmup_steps(args.steps),
+                         schedule="cosine", grad_clip=1.0, ema_decay=args.ema_decay, seed=seed, progress=False,
+                         workers=0, threads=1, label_dropout=args.label_dropout if variant.conditional else 0.0)
+    trainer = Trainer(model, variant.matcher(), gaussian_sampler(data.shape),
+                      data.train_sampler(labelled=variant.conditional), config)
+    result = trainer.fit()
+    return trainer.sampling_model.eval(), result.seconds
+
+
+def references(data: ImageDataset, classifier, n: int) -> dict:
+    """The metrics of training images against the held-out ones (what a perfect sampler of the training set
+    scores) and the classifier's accuracy on held-out images."""
+    train = data.train_images[:n]
+    quality = evaluate_images(train, data.held_out_images, classifier, requested_labels=data.train_labels[:n])
+    return {"frechet_distance": quality.frechet_distance, "w2": wasserstein2(train, data.held_out_images),
+            "coverage_entropy": quality.coverage_entropy, "least_frequent_share": quality.least_frequent_share,
+            "classifier_held_out_accuracy": classifier_accuracy(classifier, data.held_out_images,
+                                                                data.held_out_labels),
+            "images": n}
+
+
+def summarise(runs: list[dict]) -> dict:
+    """{variant: {solver: {metric: (mean, std)}}} over seeds; std is the sample standard deviation (0 for one)."""
+    out: dict = {}
+    for run in runs:
+        for row in run["rows"]:
+            cell = out.setdefault(run["variant"], {}).setdefault(row["solver"], {})
+            for key, value in row.items():
+                if key != "solver":
+                    cell.setdefault(key, []).append(value)
+    for solvers in out.values():
+        for cell in solvers.values():
+            for key, values in cell.items():
+                cell[key] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+    return out
+
+
+def fmt(pair, digits: int = 3) -> str:
+    mean, std = pair
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def goal_lines(summary: dict) -> list[str]:
+    """The issue's goals, checked on the means: OT-CFM below I-CFM in Fréchet distance at NFE 1 and 2 (both
+    unconditional and conditional), and OT-CFM not above torchcfm's at any solver setting."""
+    lines = []
+    for ot, ind in (("OT-CFM", "I-CFM"), ("OT-CFM, conditional", "I-CFM, conditional")):
+        for solver in ("euler-1", "euler-2"):
+            a, b = summary[ot][solver]["frechet_distance"], summary[ind][solver]["frechet_distance"]
+            verdict = "lower" if a[0] < b[0] else "NOT lower"
+            lines.append(f"- {ot} vs {ind}, {solver}: Fréchet distance {fmt(a)} vs {fmt(b)} "
+                         f"(ratio {a[0] / b[0]:.2f}): {verdict}")
+    worse = [s for s in SOLVERS if summary["OT-CFM"][s]["frechet_distance"][0]
+             > summary["torchcfm OT-CFM"][s]["frechet_distance"][0]]
+    ratios = ", ".join(f"{s} {summary['OT-CFM'][s]['frechet_distance'][0] / summary['torchcfm OT-CFM'][s]['frechet_distance'][0]:.2f}"
+                       for s in SOLVERS)
+    lines.append(f"- OT-CFM / torchcfm OT-CFM, Fréchet distance (means): {ratios}; "
+                 + ("above torchcfm's at " + ", ".join(worse) if worse else "at or below torchcfm's at every setting"))
+    return lines
+
+
+def to_markdown(summary: dict, runs: list[dict], refs: dict, memo: dict, args, command: str, wall: float) -> str:
+    seeds = ", ".join(map(str, args.seeds))
+    lines = ["# Digits: OT-CFM against I-CFM and torchcfm, unconditional and class-conditional", "",
+             f"Command: `{command}`  ",
+             f"Wall time: {wall:.0f} s in all on {args.cores} CPU core(s), one torch thread (torch {torch.__version__}, "
+             f"{platform.python_implementation()} {platform.python_version()}). The machine was shared with other "
+             "processes during the run, so the times are upper bounds.", "",
+             f"Data: scikit-learn's digits, {args.train_images} training and {args.held_out_images} held-out images "
+             f"(8x8, in [-1, 1]). Model: ot-cfm MLP(64, width {args.width}, depth {args.depth}, time "
+             f"{args.time_embedding}). {args.steps} steps of batch {args.batch_size}, lr {args.lr} ({warmup_steps(args.steps)} "
+             f"warm-up steps, then cosine), grad clip 1, EMA {args.ema_decay}; seeds {seeds}: every variant of a "
+             "seed starts from the same weights and draws the same noise, data and t (torchcfm draws t and its plan "
+             f"itself). Conditional: label dropout {args.label_dropout}, guidance scale {args.guidance}, "
+             f"labels 0..9 requested in turn. Metrics on {args.eval_samples} samples from fixed noise against the "
+             f"{args.held_out_images} held-out images (pixel W2 on at most 1000 of each); Fréchet distance in the "
+             f"features of the package's classifier ({args.classifier_steps} steps; held-out accuracy "
+             f"{refs['classifier_held_out_accuracy']:.3f}). Mean ± sample standard deviation over seeds.", ""]
+    for key, title in METRICS.items():
+        conditional_only = key == "conditional_accuracy"
+        names = [v.name for v in VARIANTS if v.conditional or not conditional_only]
+        lines += [f"## {title}", "", "| variant | " + " | ".join(SOLVERS) + " | dopri5 NFE |",
+                  "| --- |" + " --- |" * (len(SOLVERS) + 1)]
+        for name in names:
+            cells = [fmt(summary[name][s][key]) if key in summary[name][s] else "n/a" for s in SOLVERS]
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {fmt(summary[name]['dopri5']['nfe'], 0)} |")
+        if key in refs:
+            lines += ["", f"Reference: {refs['images']} training images against the held-out ones: {refs[key]:.3f}."]
+        lines.append("")
+    lines += ["## Goals (on the means)", "", *goal_lines(summary), "", "## Wall time", "",
+              "| variant | training s per seed | ms per step | evaluation s per seed |", "| --- | --- | --- | --- |"]
+    for v in VARIANTS:
+        mine = [r for r in runs if r["variant"] == v.name]
+        train_s = statistics.fmean(r["train_seconds"] for r in mine)
+        eval_s = statistics.fmean(r["eval_seconds"] for r in mine)
+        lines.append(f"| {v.name} | {train_s:.1f} | {1000 * train_s / args.steps:.2f} | {eval_s:.1f} |")
+    lines += ["", "## Memorisation against the exact field", "",
+              f"Exact field: `fit_discrete_potential` of the {args.train_images} training images (tol {args.fit_tol}): "
+              f"TV {memo['fit_tv']:.4f} on fresh samples, converged {memo['fit_converged']}, {memo['fit_seconds']:.0f} s. "
+              f"{memo['n']} noise images (seed {args.seeds[0]}) integrated by the exact field (Euler, "
+              f"{memo['exact_nfe']} steps) and by the seed's OT-CFM model (dopri5). Distance: Euclidean, to the nearest "
+              "training image; ratio: that distance over the training image's own nearest-neighbour distance.", "",
+              "| samples | median distance | median ratio | share with ratio < 0.5 |", "| --- | --- | --- | --- |"]
+    for which in ("learned", "exact"):
+        m = memo[which]
+        lines.append(f"| {which} | {m['median_distance']:.3f} | {m['median_ratio']:.3f} | {m['share_below_half']:.3f} |")
+    lines += ["", f"Figures: {', '.join(Path(p).name for p in memo['figures'])}."]
+    return "\n".join(lines) + "\n"
+
+
+def memorisation(model: nn.Module, data: ImageDataset, args, seed: int, out: Path) -> dict:
+    """Fit the exact field of the training images, integrate it and the learned model from the same noise,
+    measure both against the training set and draw the figure."""
+    train = data.train_images
+    flat = train.reshape(train.shape[0], -1).double()
+    start = time.perf_counter()
+    potential = fit_discrete_potential(flat, tol=args.fit_tol, max_time=args.fit_max_time, generator=seed,
+                                       progress=False, threads=1)
+    fit_seconds = time.perf_counter() - start
+    x0 = torch.randn((args.memorisation_samples, *data.shape), generator=torch.Generator().manual_seed(seed + 30_000))
+    exact_nfe = 4  # the exact field's paths are straight: Euler lands on T(x0) in any number of steps
+    exact = sample(ExactVelocityField(potential), x0.reshape(x0.shape[0], -1).double(), solver="euler",
+                   steps=exact_nfe).x.reshape(x0.shape).float()
+    with torch.no_grad():
+        learned, _ = _sample_images(model, x0, None, 1.0, solver="dopri5", steps=None, max_nfe=1000)
+    found = {name: memorisation_distances(images, train) for name, images in (("learned", learned), ("exact", exact))}
+    figure = plot_memorisation(out / "digits_memorisation.png", learned, exact, train, found,
+                               f"Memorisation: OT-CFM (seed {seed}, {args.steps} steps) against the exact field of the "
+                               f"{train.shape[0]} training images, same noise")
+    summary = {name: {"median_distance": float(f.distance.median()), "median_ratio": float(f.ratio.median()),
+                      "share_below_half": float((f.ratio < 0.5).double().mean())} for name, f in found.items()}
+    report = potential.fit_report
+    return {"n": x0.shape[0], "exact_nfe": exact_nfe, "fit_tv": report.tv, "fit_converged": report.converged,
+            "fit_seconds": fit_seconds, "figures": [str(figure)], **summary}
+
+
+def plot_memorisation(path: Path, learned: torch.Tensor, exact: torch.Tensor, train: torch.Tensor, found: dict,
+                      title: str) -> Path:
+    """Three rows of the first ``MEMORISATION_SHOWN`` samples (learned, the training image nearest to each, exact)
+    with distance d and ratio r under each tile, and a histogram of the ratios of all samples."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = MEMORISATION_SHOWN
+    nearest = found["learned"].index[:k]
+    rows = [("learned samples (dopri5)", learned[:k], found["learned"]),
+            ("training image nearest to each learned sample", train[nearest], None),
+            ("exact-field samples (same noise)", exact[:k], found["exact"])]
+    fig = plt.figure(figsize=(11, 7.5))
+    grid = fig.add_gridspec(len(rows), 2, width_ratios=(1.5, 1))
+    size = train.shape[-1]
+    for r, (name, images, dist) in enumerate(rows):
+        ax = fig.add_subplot(grid[r, 0])
+        ax.imshow(image_mosaic(images, k)[..., 0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_yticks([])
+        centres = [1 + j * (size + 1) + (size - 1) / 2 for j in range(k)]
+        if dist is None:
+            ax.set_xticks(centres, [f"#{int(i)}" for i in nearest], fontsize=8)
+        else:
+            ax.set_xticks(centres, [f"d {d:.2f}\nr {q:.2f}" for d, q in zip(dist.distance[:k], dist.ratio[:k])],
+                          fontsize=8)
+        ax.tick_params(length=0)
+        ax.set_title(name, fontsize=10)
+    hist = fig.add_subplot(grid[:, 1])
+    upper = max(float(found["learned"].ratio.max()), 1.0)
+    bins = np.linspace(0.0, upper, 31)
+    for name, colour in (("learned", "tab:blue"), ("exact", "tab:orange")):
+        hist.hist(found[name].ratio.numpy(), bins=bins, alpha=0.6, color=colour,
+                  label=f"{name} (median {float(found[name].ratio.median()):.2f})")
+    hist.set_xlabel("distance to nearest training image / its nearest-neighbour distance")
+    hist.set_ylabel("samples")
+    hist.set_title(f"ratio of all {learned.shape[0]} samples", fontsize=10)
+    hist.legend()
+    return save_figure(fig, path, title=title, dpi=90)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run (seconds): one seed, 150 steps, width 64, EMA 0.9, 200 evaluation samples, a short potential "
+                        "fit, outputs in runs/digits_quick")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--depth", type=int, default=3)
+    p.add_argument("--time-embedding", choices=("concat", "sinusoidal"), default="concat")
+    p.add_argument("--label-dropout", type=float, default=0.1)
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale of conditional samples")
+    p.add_argument("--eval-samples", type=int, default=1000)
+    p.add_argument("--classifier-steps", type=int, default=ClassifierConfig().steps)
+    p.add_argument("--fit-tol", type=float, default=0.01, help="TV tolerance of the exact field's potential fit")
+    p.add_argument("--fit-max-time", type=float, default=300.0, help="seconds the potential fit may take")
+    p.add_argument("--memorisation-samples", type=int, default=500)
+    p.add_argument("--out", type=Path, default=Path("runs/digits"),
+                   help="folder for digits.md, digits.json and the figures (the committed ones: examples/results)")
+    return p
+
+
+def run(argv=None) -> dict:
+    """Train and evaluate every variant for every seed, write the table, the JSON and the figures."""
+    parser = build_parser()
+    if parser.parse_known_args(argv)[0].quick:  # new defaults: flags given explicitly still win
+        parser.set_defaults(seeds=[0], steps=150, width=64, ema_decay=0.9, eval_samples=200, classifier_steps=200, fit_tol=0.2,
+                            fit_max_time=5.0, memorisation_samples=64, out=Path("runs/digits_quick"))
+    args = parser.parse_args(argv)
+    command = "python examples/digits.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    start = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    data = load_image_dataset("digits")
+    args.train_images, args.held_out_images = data.train_images.shape[0], data.held_out_images.shape[0]
+    args.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    classifier = load_or_train_classifier(data.train_images, data.train_labels, num_classes=data.num_classes,
+                                          config=ClassifierConfig(steps=args.classifier_steps))
+    refs = references(data, classifier, min(args.eval_samples, data.train_images.shape[0]))
+    runs, figures, memo = [], [], None
+    for seed in args.seeds:
+        for variant in VARIANTS:
+            model, train_seconds = train(variant, data, args, seed)
+            tick = time.perf_counter()
+            _, rows = _evaluate_images(model, data, classifier, n=args.eval_samples, conditional=variant.conditional,
+                                       guidance=args.guidance, seed=seed)
+            runs.append({"variant": variant.name, "seed": seed, "rows": rows, "train_seconds": train_seconds,
+                         "eval_seconds": time.perf_counter() - tick})
+            fd = {r["solver"]: round(r["frechet_distance"], 3) for r in rows}
+            print(f"seed {seed}, {variant.name}: trained in {train_seconds:.1f} s; Fréchet distance {fd}", flush=True)
+            if seed == args.seeds[0] and variant.conditional:
+                name = variant.name.split(",")[0].lower()
+                figures.append(_write_grid(args.out / f"digits_grid_{name}.png", model, data.shape, data.num_classes,
+                                           data.class_names, args.guidance, seed,
+                                           f"digits, {variant.name} (seed {seed}, {args.steps} steps)"))
+            if seed == args.seeds[0] and variant.name == "OT-CFM":
+                memo = memorisation(model, data, args, seed, args.out)
+    summary = summarise(runs)
+    wall = time.perf_counter() - start
+    memo["figures"] = [str(f) for f in figures] + memo["figures"]
+    table = args.out / "digits.md"
+    text = to_markdown(summary, runs, refs, memo, args, command, wall)
+    atomic_write(table, lambda f: f.write(text))
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    payload = {"command": command, "settings": settings, "wall_seconds": wall, "references": refs, "runs": runs,
+               "summary": {v: {s: {k: list(pair) for k, pair in c.items()} for s, c in cells.items()}
+                           for v, cells in summary.items()},
+               "memorisation": memo}
+    atomic_write(args.out / "digits.json", lambda f: f.write(json.dumps(payload, indent=1, allow_nan=False) + "\n"))
+    print(text)
+    print(f"wrote {table}, {args.out / 'digits.json'}, " + ", ".join(memo["figures"]))
+    return {"table": table, "json": args.out / "digits.json", "figures": [Path(f) for f in memo["figures"]],
+            "summary": summary, "references": refs, "memorisation": memo, "wall_seconds": wall}
+
+
+def main(argv=None) -> int:
+    run(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
