@@ -1,0 +1,145 @@
+"""Data-parallel training on the CPU (gloo): each test starts its ranks as processes with the environment torchrun
+gives them, so the Trainer initialises the process group itself, as it does under torchrun."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from distributed_worker import BASIC_RUNS, make_trainer
+
+from ot_cfm.batches import CoupledBatches
+from ot_cfm.checkpoint import read_checkpoint
+from ot_cfm.couplers.exact import ExactOTCoupler
+from ot_cfm.data import toy_sampler
+from ot_cfm.distributed import COUPLING_MODES, init_from_env, per_rank_batch
+from ot_cfm.trainer import CHECKPOINT_NAME, METRICS_NAME, TrainConfig
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+WORLD = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(scenario: str, out: Path, options: dict | None = None, *, world: int = WORLD, expect_killed: bool = False):
+    """Run ``world`` ranks of the worker script as torchrun would (its environment variables), wait for them."""
+    port, procs = free_port(), []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), scenario, str(out), json.dumps(options or {})],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    for rank, (p, text) in enumerate(zip(procs, outputs)):
+        if expect_killed:
+            assert p.returncode == -9, f"rank {rank} was to kill itself, ended with {p.returncode}:\n{text}"
+        else:
+            assert p.returncode == 0, f"rank {rank} failed ({p.returncode}):\n{text}"
+
+
+def single_process_weights(options: dict, resume_from: Path | None = None, **fit):
+    trainer = make_trainer(dict(options, out_dir=str(resume_from) if resume_from else None))
+    trainer.fit(**fit)
+    return torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+
+
+def test_per_rank_batch_and_config_refuse_what_does_not_split():
+    assert per_rank_batch(256, 4) == 64
+    with pytest.raises(ValueError, match="does not divide by the world size 3"):
+        per_rank_batch(256, 3)
+    with pytest.raises(ValueError, match="coupling_mode must be one of"):
+        TrainConfig(coupling_mode="sharded")
+    assert COUPLING_MODES == ("global", "local")
+
+
+def test_init_from_env_is_single_process_without_torchrun_and_names_a_missing_variable(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert init_from_env() is None
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert init_from_env() is None
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ValueError, match="MASTER_ADDR, MASTER_PORT not set"):
+        init_from_env()
+
+
+@pytest.fixture(scope="module")
+def basics(tmp_path_factory):
+    """One start of two processes: the pairs of both modes, one step of each, and a 10-step run (BASIC_RUNS)."""
+    out = tmp_path_factory.mktemp("basics")
+    launch("basics", out)
+    return out
+
+
+def load_ranks(folder: Path) -> list[dict]:
+    return [torch.load(folder / f"train_{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def test_global_pairs_are_one_process_pairs_and_local_pairs_are_each_shard_coupled_alone(basics):
+    saved = [torch.load(basics / f"pairs_{r}.pt", weights_only=True) for r in range(WORLD)]
+    single = CoupledBatches(toy_sampler("gaussian"), toy_sampler("moons"),
+                            lambda x0, x1, generator: ExactOTCoupler().pair(x0, x1), 32, seed=5)
+    raw = CoupledBatches(toy_sampler("gaussian"), toy_sampler("moons"), None, 32, seed=5)
+    for step in range(3):
+        x0, x1 = single[step]
+        # global: the ranks' rows, concatenated, are exactly one process's pairs of the whole batch
+        assert torch.equal(torch.cat([s["global"][step][0] for s in saved]), x0)
+        assert torch.equal(torch.cat([s["global"][step][1] for s in saved]), x1)
+        # local: rank r's pairs are the exact coupling of its rows of the drawn batch alone
+        d0, d1 = raw[step]
+        for rank, s in enumerate(saved):
+            rows = slice(16 * rank, 16 * (rank + 1))
+            l0, l1 = ExactOTCoupler().pair(d0[rows], d1[rows])
+            assert torch.equal(s["local"][step][0], l0) and torch.equal(s["local"][step][1], l1)
+        assert not torch.equal(torch.cat([s["local"][step][1] for s in saved]), x1)  # the modes differ
+
+
+def test_first_update_of_global_mode_is_one_process_update(basics):
+    options = BASIC_RUNS["global"]
+    single = single_process_weights(options)
+    initial = torch.cat([p.detach().flatten() for p in make_trainer(options).model.parameters()])
+    ranks = load_ranks(basics / "global")
+    assert torch.equal(ranks[0]["weights"], ranks[1]["weights"])  # DDP keeps the ranks' weights equal
+    assert (single - initial).abs().max() > 1e-3  # the step moved the weights
+    # equal up to the order of the gradient sums (DDP averages the two ranks' means)
+    torch.testing.assert_close(ranks[0]["weights"], single, rtol=0, atol=1e-6)
+    local = load_ranks(basics / "local")[0]["weights"]
+    assert (local - single).abs().max() > 1e-4  # local pairs are other pairs: a different update
+
+
+def test_rank0_alone_writes_checkpoints_and_log_and_ten_steps_follow_one_process(basics):
+    whole = basics / "whole"
+    ranks = load_ranks(whole)
+    assert ranks[0]["saved_at"] == [4, 8, 10] and ranks[1]["saved_at"] == []  # checkpoints from rank 0 only
+    assert read_checkpoint(whole / CHECKPOINT_NAME)["world_size"] == WORLD
+    logged = [json.loads(line)["step"] for line in (whole / METRICS_NAME).read_text().splitlines()]
+    assert logged == list(range(1, 11))  # one log, written once per step
+    assert [row["loss"] for row in ranks[0]["history"]] == [row["loss"] for row in ranks[1]["history"]]
+    reference = single_process_weights(BASIC_RUNS["whole"])  # with one worker, in two processes; here inline, in one
+    torch.testing.assert_close(ranks[0]["weights"], reference, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_with_two_or_one_processes_to_the_uninterrupted_weights(basics, tmp_path):
+    options, killed = dict(steps=10, checkpoint_every=4), tmp_path / "killed"
+    uninterrupted = load_ranks(basics / "whole")[0]["weights"]
+    launch("train", killed, dict(options, out_dir=str(killed), kill_at=6), expect_killed=True)
+    assert read_checkpoint(killed / CHECKPOINT_NAME)["step"] == 4
+    shutil.copytree(killed, tmp_path / "killed_copy")
+    launch("train", killed, dict(options, out_dir=str(killed), resume=True))
+    resumed = torch.load(killed / "train_0.pt", weights_only=True)["weights"]
+    assert torch.equal(resumed, uninterrupted)  # same world size: the same operations, bitwise
+    with pytest.warns(UserWarning, match="trained by 2 process.*with 1: the global batch stays 32"):
+        one = single_process_weights(options, resume_from=tmp_path / "killed_copy", resume=True)
+    # one process sums the gradient over 32 rows where two sum 16 each and average: equal up to rounding
+    torch.testing.assert_close(one, uninterrupted, rtol=0, atol=1e-5)
