@@ -6,6 +6,10 @@ a .npy / .npz / .csv file (source N(0, I) in d dimensions; optionally class-cond
 the sampling weights at several NFE (``--data``: against its held-out rows) and writes a checkpoint,
 ``metrics.json`` and a figure (a scatter or a sample grid). ``ot-cfm sample`` draws from such a
 checkpoint (``--data`` runs: in the file's units, undoing ``--standardize``).
+
+``torchrun --nproc_per_node=N -m ot_cfm.cli train ...`` (or ``torchrun ... $(which ot-cfm) train ...``) trains
+toy and ``--data`` runs data-parallel (``ot_cfm.distributed``): ``--batch-size`` is the global batch,
+``--coupling-mode`` chooses one global coupling or one per process, rank 0 writes and evaluates.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from ot_cfm.cli.arrays import _sample_array_checkpoint, _train_array
 from ot_cfm.cli.common import (
@@ -53,6 +58,9 @@ def cmd_train(args) -> int:
     if array_only:
         raise ValueError(f"only --data runs take {', '.join(array_only)}: add --data FILE or drop them")
     if args.dataset is not None:
+        if args.coupling_mode != "global":
+            raise ValueError("--coupling-mode local is not available for image runs yet (they couple the global "
+                             "batch); drop it")
         return _train_images(args)
     image_only = _image_only_options(args)
     if image_only:
@@ -137,7 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epsilon", type=float, default=0.05, help="Sinkhorn regularisation (relative to the mean cost)")
     train.add_argument("--sigma", type=float, default=0.0, help="path noise of the matcher")
     train.add_argument("--steps", type=int, default=5000, help="optimisation steps")
-    train.add_argument("--batch-size", type=int, default=256, help="points per batch")
+    train.add_argument("--batch-size", type=int, default=256,
+                       help="points per batch; under torchrun the global batch, of which each of the N processes "
+                            "trains on batch / N rows")
+    train.add_argument("--coupling-mode", choices=("global", "local"), default="global",
+                       help="under torchrun: couple the whole global batch as one problem (solved by one process per "
+                            "step in turn, the pairs of a single process) or each process's rows on their own; the "
+                            "same in a single process")
     train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     train.add_argument("--warmup", type=int, default=0, help="linear lr warm-up steps")
     train.add_argument("--schedule", choices=("constant", "cosine"), default="cosine",
@@ -227,3 +241,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError, OSError) as err:
         print(f"ot-cfm {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if dist.is_available() and dist.is_initialized():  # set up by the Trainer under torchrun
+            dist.destroy_process_group()

@@ -18,6 +18,7 @@ from ot_cfm.cli.common import (
     _json_value,
     _make_coupler,
     _model_device,
+    _trained_on_other_rank,
 )
 from ot_cfm.parallelism import auto_threads, torch_threads
 from ot_cfm.plotting import plot_points_2d
@@ -58,13 +59,15 @@ def _train_array(args) -> int:
                          ema_decay=0.0 if args.ema_decay is None else args.ema_decay, seed=args.seed,
                          checkpoint_every=args.checkpoint_every, out_dir=str(out), progress=not args.no_progress,
                          workers=args.workers, threads=args.threads, label_dropout=label_dropout,
-                         precision=args.precision)
+                         precision=args.precision, coupling_mode=args.coupling_mode)
     meta = {"model": model.config, "data": data.name, "dim": data.dim, "conditional": args.conditional,
             "num_classes": data.num_classes, "coupler": args.coupler,
             "mean": None if data.mean is None else data.mean.tolist(),
             "std": None if data.std is None else data.std.tolist()}
     source = gaussian_sampler((data.dim,))
     trainer = Trainer(model, matcher, source, data.train_sampler(labelled=args.conditional), config, metadata=meta)
+    if _trained_on_other_rank(trainer, args):
+        return 0
     with claim_run_folder(out, outputs=(METRICS_JSON,)):
         result = trainer.fit(resume=args.resume, overwrite=args.overwrite)
         if _finished_earlier(result, out, args.steps):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -95,7 +96,8 @@ def _finished_earlier(result, out: Path, steps: int) -> bool:
     """Print what ``fit`` did; True when the run had finished before this call and its metrics are valid
     (nothing left to do), False when it trained or its metrics must be written again."""
     if result.steps_trained:
-        print(f"trained {result.steps_trained} steps (to step {result.step}) in {result.seconds:.1f} s with "
+        processes = f" on {result.world_size} processes, each" if result.world_size > 1 else ""
+        print(f"trained {result.steps_trained} steps (to step {result.step}) in {result.seconds:.1f} s{processes} with "
               f"{_count(result.workers, 'worker')} and {_count(result.threads, 'torch thread')}; "
               f"final loss {result.loss:.4f}")
         return False
@@ -144,9 +146,12 @@ def _device_name(text: str) -> str:
 
 def resolve_device(name: str) -> torch.device:
     """The device --device names: "auto" is cuda when ``torch.cuda.is_available()``, else cpu; ValueError when a
-    CUDA device is asked for and this machine (or this torch build) has none or not that one."""
+    CUDA device is asked for and this machine (or this torch build) has none or not that one. Under torchrun
+    (LOCAL_RANK set) "cuda" and "auto" on a CUDA machine mean this process's GPU, cuda:LOCAL_RANK."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        name = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -168,6 +173,15 @@ def _train_device(args) -> torch.device:
     except ValueError as err:
         raise ValueError(f"--precision {args.precision} --device {args.device}: {err}") from None
     return device
+
+
+def _trained_on_other_rank(trainer, args) -> bool:
+    """A data-parallel rank other than 0 (torchrun) trains and stops there: rank 0 holds --out and alone writes
+    and evaluates. True when this process was such a rank and has trained."""
+    if trainer.is_main:
+        return False
+    trainer.fit(resume=args.resume, overwrite=args.overwrite)
+    return True
 
 
 def _model_device(model) -> torch.device:

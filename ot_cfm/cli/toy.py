@@ -8,7 +8,15 @@ from pathlib import Path
 import torch
 
 from ot_cfm.atomic import atomic_write
-from ot_cfm.cli.common import METRICS_JSON, _finished_earlier, _json_value, _make_coupler, _model_device, _model_from_spec
+from ot_cfm.cli.common import (
+    METRICS_JSON,
+    _finished_earlier,
+    _json_value,
+    _make_coupler,
+    _model_device,
+    _model_from_spec,
+    _trained_on_other_rank,
+)
 from ot_cfm.parallelism import auto_threads, torch_threads
 from ot_cfm.run_folder import claim_run_folder
 
@@ -31,10 +39,13 @@ def _train_toy(args) -> int:
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
                          schedule=args.schedule, grad_clip=args.grad_clip, ema_decay=args.ema_decay, seed=args.seed,
                          checkpoint_every=args.checkpoint_every, out_dir=str(out), progress=not args.no_progress,
-                         workers=args.workers, threads=args.threads, precision=args.precision)
+                         workers=args.workers, threads=args.threads, precision=args.precision,
+                         coupling_mode=args.coupling_mode)
     meta = {"model": spec, "source": args.source, "target": args.target, "coupler": args.coupler}
     source, target = toy_sampler(args.source), toy_sampler(args.target)
     trainer = Trainer(model, matcher, source, target, config, metadata=meta)
+    if _trained_on_other_rank(trainer, args):
+        return 0
     # the folder is held from the checkpoint's load to the figure, so no other run writes between
     with claim_run_folder(out, outputs=(METRICS_JSON,)):
         result = trainer.fit(resume=args.resume, overwrite=args.overwrite)
@@ -46,7 +57,8 @@ def _train_toy(args) -> int:
             quality, tensors = evaluate_samples(trainer.sampling_model, source, target, n=args.eval_samples,
                                                 generator=torch.Generator().manual_seed(args.seed + 10_000))
         metrics = {"source": args.source, "target": args.target, "coupler": args.coupler, "steps": result.step,
-                   "batch_size": args.batch_size, "final_loss": result.loss,
+                   "batch_size": args.batch_size, "world_size": result.world_size,
+                   "coupling_mode": args.coupling_mode, "final_loss": result.loss,
                    "steps_this_call": result.steps_trained, "train_seconds_this_call": result.seconds,
                    "workers": result.workers, "threads": result.threads, "device": str(args.device),
                    "precision": args.precision, "eval_samples": args.eval_samples, **quality.as_dict()}

@@ -15,6 +15,7 @@ from distributed_worker import BASIC_RUNS, make_trainer
 
 from ot_cfm.batches import CoupledBatches
 from ot_cfm.checkpoint import read_checkpoint
+from ot_cfm.cli import main
 from ot_cfm.couplers.exact import ExactOTCoupler
 from ot_cfm.data import toy_sampler
 from ot_cfm.distributed import COUPLING_MODES, init_from_env, per_rank_batch
@@ -30,20 +31,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(scenario: str, out: Path, options: dict | None = None, *, world: int = WORLD, expect_killed: bool = False):
-    """Run ``world`` ranks of the worker script as torchrun would (its environment variables), wait for them."""
+def launch(scenario: str, out: Path, options: dict | None = None, *, world: int = WORLD, expect_killed: bool = False,
+           command: list[str] | None = None) -> list[str]:
+    """Run ``world`` ranks of the worker script (or of ``command``) as torchrun would (its environment variables),
+    wait for them; their outputs."""
     port, procs = free_port(), []
+    command = command or [str(WORKER), scenario, str(out), json.dumps(options or {})]
     for rank in range(world):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                    LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), scenario, str(out), json.dumps(options or {})],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(subprocess.Popen([sys.executable, *command], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     for rank, (p, text) in enumerate(zip(procs, outputs)):
         if expect_killed:
             assert p.returncode == -9, f"rank {rank} was to kill itself, ended with {p.returncode}:\n{text}"
         else:
             assert p.returncode == 0, f"rank {rank} failed ({p.returncode}):\n{text}"
+    return outputs
 
 
 def single_process_weights(options: dict, resume_from: Path | None = None, **fit):
@@ -143,3 +148,16 @@ def test_a_killed_run_resumes_with_two_or_one_processes_to_the_uninterrupted_wei
         one = single_process_weights(options, resume_from=tmp_path / "killed_copy", resume=True)
     # one process sums the gradient over 32 rows where two sum 16 each and average: equal up to rounding
     torch.testing.assert_close(one, uninterrupted, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_command_line_trains_on_two_processes_as_on_one(tmp_path):
+    args = ["train", "--steps", "6", "--batch-size", "32", "--width", "16", "--depth", "2", "--eval-samples", "100",
+            "--no-progress", "--workers", "0", "--threads", "1"]
+    outputs = launch("", tmp_path, command=["-m", "ot_cfm.cli", *args, "--out", str(tmp_path / "two")])
+    assert "| euler-1 |" in outputs[0] and "| euler-1 |" not in outputs[1]  # rank 0 alone evaluates
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["world_size"] == WORLD
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    two, one = (read_checkpoint(tmp_path / name / CHECKPOINT_NAME)["model"] for name in ("two", "one"))
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5)
