@@ -14,7 +14,7 @@ import torch
 from distributed_worker import BASIC_RUNS, make_trainer
 
 from ot_cfm.batches import CoupledBatches
-from ot_cfm.checkpoint import read_checkpoint
+from ot_cfm.checkpoint import read_checkpoint, write_checkpoint
 from ot_cfm.cli import main
 from ot_cfm.couplers.exact import ExactOTCoupler
 from ot_cfm.data import toy_sampler
@@ -161,3 +161,18 @@ def test_the_command_line_trains_on_two_processes_as_on_one(tmp_path):
     two, one = (read_checkpoint(tmp_path / name / CHECKPOINT_NAME)["model"] for name in ("two", "one"))
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5)
+
+
+def test_resuming_with_another_world_size_says_so_and_keeps_the_global_batch(tmp_path):
+    options = dict(steps=4, checkpoint_every=2, out_dir=str(tmp_path))
+    make_trainer(dict(options, steps=2)).fit()
+    state = read_checkpoint(tmp_path / CHECKPOINT_NAME)
+    assert state["world_size"] == 1
+    write_checkpoint(tmp_path / CHECKPOINT_NAME, dict(state, world_size=4))  # as a 4-process run would leave it
+    with pytest.warns(UserWarning, match="trained by 4 process.*with 1: the global batch stays 32, 32 rows per process; "
+                                         "the same pairs, t and eps"):
+        make_trainer(options).fit(resume=True)
+    local = make_trainer(dict(options, out_dir=str(tmp_path / "local"), coupling_mode="local", steps=2))
+    local.fit()
+    with pytest.raises(ValueError, match="config.coupling_mode: checkpoint 'local' vs now 'global'"):
+        make_trainer(dict(options, out_dir=str(tmp_path / "local"))).fit(resume=True)
