@@ -229,3 +229,32 @@ def test_sb_model_samples_with_the_sde():
     with torch.no_grad():
         out = sample_sde(model, model.score, torch.randn(32, 2), sigma=0.5, steps=5, generator=g)
     assert out.x.device == torch.zeros(1).device and torch.isfinite(out.x).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sb_cfm_and_sde_sampling_stay_on_the_cuda_device():
+    """The matcher's draws, both loss terms and the SDE's Brownian path live on the inputs' device, seeded by a
+    generator there; the Gaussian closed form holds there with the CPU test's tolerance."""
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    x0, x1 = torch.randn(64, 2, generator=g, device=dev), torch.randn(64, 2, generator=g, device=dev) + 2
+    model = FlowAndScore(MLP(2), MLP(2)).to(dev)
+    m = SchrodingerBridgeConditionalFlowMatcher(sigma=0.5)
+    s = m.sample(x0, x1, generator=g)
+    assert {s.t.device, s.x_t.device, s.u_t.device, s.noise.device} == {x0.device}
+    terms = m.loss_terms(model, x0, x1, generator=g)
+    assert terms.flow.device == x0.device and terms.score.device == x0.device
+    mean = MEAN.to(dev)
+
+    def field(t, x):
+        dvar = -2 * (1 - t) + 2 * t * S2 + SIGMA**2 * (1 - 2 * t)
+        return mean + dvar / (2 * _var(t)) * (x - t * mean)
+
+    def score(t, x):
+        return -(x - t * mean) / _var(t)
+
+    start = torch.randn(4000, 2, generator=g, device=dev, dtype=torch.float64)
+    out = sample_sde(field, score, start, sigma=SIGMA, steps=100, generator=g)
+    assert out.x.device == start.device
+    assert (out.x.mean(0) - mean).abs().max() < 0.05
+    assert (torch.cov(out.x.T) - S2 * torch.eye(2, dtype=torch.float64, device=dev)).abs().max() < 0.05
