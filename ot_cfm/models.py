@@ -34,7 +34,7 @@ from torch import nn
 
 from ot_cfm.validation import as_time_tensor
 
-__all__ = ["ACTIVATIONS", "MLP", "SinusoidalTimeEmbedding", "UNet", "UNetPreset", "UNET_PRESETS", "unet_for",
+__all__ = ["ACTIVATIONS", "mlp_layers", "MLP", "SinusoidalTimeEmbedding", "UNet", "UNetPreset", "UNET_PRESETS", "unet_for",
            "unet", "is_conditional", "has_score", "FlowAndScore", "as_label_tensor", "drop_labels", "guided_field",
            "model_from_config"]
 
@@ -146,6 +146,21 @@ class _FieldModel(nn.Module):
         return dict(self._config)
 
 
+def mlp_layers(in_features: int, width: int, depth: int, activation: str, out_features: int) -> nn.Sequential:
+    """Linear(in_features, width), activation, (depth - 1) x (Linear(width, width), activation), Linear(width,
+    out_features): the layer stack of ``MLP`` and of torchcfm's MLP (``ot_cfm.compat.torchcfm``)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    if min(in_features, width, depth, out_features) < 1:
+        raise ValueError(f"in_features, width, depth and out_features must be positive, got {in_features}, {width}, "
+                         f"{depth}, {out_features}")
+    layers: list[nn.Module] = []
+    for k in range(depth):
+        layers += [nn.Linear(in_features if k == 0 else width, width), ACTIVATIONS[activation]()]
+    layers.append(nn.Linear(width, out_features))
+    return nn.Sequential(*layers)
+
+
 class MLP(_FieldModel):
     """v(t, x) or v(t, x, y) for x of shape (B, *shape), flattened to (B, dim); t a float or a (B,) tensor.
 
@@ -184,13 +199,8 @@ class MLP(_FieldModel):
                             class_features=class_features)
         if num_classes is not None:
             self.label_embedding = nn.Embedding(num_classes + 1, class_features)
-        layers: list[nn.Module] = []
-        in_features = dim + t_dim + (class_features if num_classes is not None else 0)
-        for _ in range(depth):
-            layers += [nn.Linear(in_features, width), ACTIVATIONS[activation]()]
-            in_features = width
-        layers.append(nn.Linear(in_features, dim))
-        self.net = nn.Sequential(*layers)
+        self.net = mlp_layers(dim + t_dim + (class_features if num_classes is not None else 0), width, depth, activation,
+                              dim)
 
     def forward(self, t: torch.Tensor | float, x: torch.Tensor, y: torch.Tensor | int | None = None) -> torch.Tensor:
         flat = x.reshape(x.shape[0], -1)

@@ -1,0 +1,137 @@
+"""torchcfm's ``optimal_transport`` module (``OTPlanSampler``, ``wasserstein``) on ot-cfm's couplers.
+
+Plans come from ``ExactOTCoupler`` (certified exact OT) and ``SinkhornCoupler`` (log-domain, absolute epsilon
+= ``reg``), as numpy arrays (B0, B1) summing to 1 like torchcfm's. Sampling from a plan uses numpy's global
+generator, as torchcfm does, so that ``np.random.seed`` reproduces a torchcfm user's run and torch's random
+stream (t, eps) is left untouched; pass ``rng`` (a ``numpy.random.Generator``) to avoid global state.
+
+Deliberate difference: for ``method="exact"`` with equal batch sizes, ``sample_plan`` returns the optimal
+permutation (every x0 once, in its order, with its partner) unless ``replace=True`` asks for torchcfm's
+sampling with replacement.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import numpy as np
+import ot as pot
+import torch
+
+from ot_cfm.couplers.exact import ExactOTCoupler
+from ot_cfm.couplers.sinkhorn import SinkhornCoupler
+
+__all__ = ["OTPlanSampler", "wasserstein"]
+
+METHODS = ("exact", "sinkhorn")
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """x (B, *dim) as (B, prod(dim)), detached."""
+    return x.detach().reshape(x.shape[0], -1)
+
+
+def _choice(size: int, p: np.ndarray, draws: int, replace: bool, rng: np.random.Generator | None) -> np.ndarray:
+    """``draws`` indices in [0, size) with probabilities p, from ``rng`` or numpy's global generator."""
+    return (rng or np.random).choice(size, p=p, size=draws, replace=replace)
+
+
+class OTPlanSampler:
+    """Pairs drawn from the OT plan (squared Euclidean cost) between a source and a target minibatch.
+
+    Args:
+        method: "exact" (``ExactOTCoupler``) or "sinkhorn" (``SinkhornCoupler`` with epsilon = reg in cost units).
+        reg: entropic regularisation of "sinkhorn".
+        reg_m: torchcfm's marginal relaxation of its "unbalanced" method (accepted, unused by the methods here).
+        normalize_cost: divide the cost by its maximum first (for "sinkhorn": epsilon = reg * max cost).
+        num_threads: accepted for torchcfm's signature; ot-cfm's exact solvers choose their own.
+        warn: accepted for torchcfm's signature; a non-finite plan raises instead of warning.
+        rng: a ``numpy.random.Generator`` for the draws (numpy's global generator when None).
+    """
+
+    def __init__(self, method: str, reg: float = 0.05, reg_m: float = 1.0, normalize_cost: bool = False,
+                 num_threads: Union[int, str] = 1, warn: bool = True, rng: Optional[np.random.Generator] = None):
+        if method not in METHODS:
+            raise ValueError(f"Unknown method: {method!r}; expected one of {METHODS}")
+        if method == "sinkhorn" and not (math.isfinite(reg) and reg > 0):
+            raise ValueError(f"reg must be finite and > 0 for method='sinkhorn', got {reg}")
+        self.method, self.reg, self.reg_m = method, reg, reg_m
+        self.normalize_cost, self.num_threads, self.warn, self.rng = normalize_cost, num_threads, warn, rng
+
+    def _coupler(self, x0: torch.Tensor, x1: torch.Tensor):
+        if self.method == "exact":
+            return ExactOTCoupler()
+        epsilon = self.reg
+        if self.normalize_cost:
+            epsilon *= float(torch.cdist(x0.double(), x1.double()).max() ** 2)
+        # POT's sinkhorn (torchcfm's) stops at a marginal error of 1e-9 or after 1000 iterations
+        return SinkhornCoupler(epsilon=epsilon, relative=False, tol=1e-8, max_iters=1000)
+
+    def get_map(self, x0: torch.Tensor, x1: torch.Tensor) -> np.ndarray:
+        """The plan (B0, B1) between x0 (B0, *dim) and x1 (B1, *dim), a float64 numpy array summing to 1."""
+        x0, x1 = _flat(x0).to(torch.float64), _flat(x1).to(torch.float64)  # entries such as 1/B in float64
+        plan = self._coupler(x0, x1).plan(x0, x1).cpu().numpy()
+        if not np.all(np.isfinite(plan)) or plan.sum() <= 0:
+            raise FloatingPointError(f"the {self.method} plan is not finite or has no mass (reg={self.reg}); "
+                                     "a larger reg or normalize_cost=True may help")
+        return plan
+
+    def sample_map(self, pi: np.ndarray, batch_size: int, replace: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(i, j): ``batch_size`` index pairs drawn from the plan pi (B0, B1), with or without replacement."""
+        p = np.asarray(pi, dtype=np.float64).reshape(-1)
+        choices = _choice(p.size, p / p.sum(), batch_size, replace, self.rng)
+        return np.divmod(choices, pi.shape[1])
+
+    def _indices(self, x0: torch.Tensor, x1: torch.Tensor, replace: Optional[bool]):
+        """Index pairs (i, j): the optimal permutation for exact OT of equal sizes (unless replace=True), else
+        ``batch_size`` = B0 draws from the plan (with replacement unless replace=False)."""
+        if self.method == "exact" and x0.shape[0] == x1.shape[0] and not replace:
+            return ExactOTCoupler().indices(_flat(x0), _flat(x1))
+        i, j = self.sample_map(self.get_map(x0, x1), x0.shape[0], replace=True if replace is None else replace)
+        return torch.as_tensor(i, device=x0.device), torch.as_tensor(j, device=x1.device)
+
+    def sample_plan(self, x0: torch.Tensor, x1: torch.Tensor, replace: Optional[bool] = None):
+        """(x0[i], x1[j]) for pairs (i, j) of the plan (see the module docstring for ``replace``)."""
+        i, j = self._indices(x0, x1, replace)
+        return x0[i], x1[j]
+
+    def sample_plan_with_labels(self, x0: torch.Tensor, x1: torch.Tensor, y0=None, y1=None,
+                                replace: Optional[bool] = None):
+        """(x0[i], x1[j], y0[i], y1[j]) for pairs (i, j) of the plan; labels None stay None."""
+        i, j = self._indices(x0, x1, replace)
+        return x0[i], x1[j], (y0[i] if y0 is not None else None), (y1[j] if y1 is not None else None)
+
+    def sample_trajectory(self, X: torch.Tensor) -> np.ndarray:
+        """Trajectories (bs, times, *dim) through populations X (bs, times, *dim): from each point at time k
+        the next point is drawn from its row of the plan between times k and k + 1 (the partner itself for
+        exact OT), as a numpy array like torchcfm's."""
+        rows = np.arange(X.shape[0])
+        path = [X[:, 0][rows]]
+        for k in range(X.shape[1] - 1):
+            pi = self.get_map(X[:, k], X[:, k + 1])[rows]
+            cdf = np.cumsum(pi / pi.sum(axis=1, keepdims=True), axis=1)
+            u = (self.rng or np.random).random(len(rows))[:, None]
+            rows = np.minimum((cdf < u).sum(axis=1), pi.shape[1] - 1)
+            path.append(X[:, k + 1][rows])
+        return np.stack([p.detach().cpu().numpy() for p in path], axis=1)
+
+
+def wasserstein(x0: torch.Tensor, x1: torch.Tensor, method: Optional[str] = None, reg: float = 0.05, power: int = 2,
+                **kwargs) -> float:
+    """W_power (power 1 or 2) between the empirical measures of x0 (B0, *dim) and x1 (B1, *dim), uniform weights:
+    exact (POT's emd2, method "exact" or None) or entropic (POT's sinkhorn2 with ``reg``), on the cost
+    |x0_i - x1_j|^power computed as torchcfm does, so that values equal torchcfm's."""
+    if power not in (1, 2):
+        raise ValueError(f"power must be 1 or 2, got {power}")
+    if method in ("exact", None):
+        solve = pot.emd2
+    elif method == "sinkhorn":
+        def solve(a, b, m, **kw):
+            return pot.sinkhorn2(a, b, m, reg=reg, **kw)
+    else:
+        raise ValueError(f"Unknown method: {method!r}; expected 'exact', 'sinkhorn' or None")
+    x0, x1 = _flat(x0), _flat(x1)
+    cost = torch.cdist(x0, x1) ** power
+    value = float(solve(pot.unif(x0.shape[0]), pot.unif(x1.shape[0]), cost.cpu().numpy(), numItermax=int(1e7)))
+    return math.sqrt(value) if power == 2 else value
