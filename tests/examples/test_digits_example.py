@@ -1,0 +1,91 @@
+"""Quick modes of examples/digits.py and examples/cifar10.py: they finish, write what they say, their outputs
+parse, and the numbers in them have the properties the full runs rest on."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from ot_cfm.models import unet_for
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_script(relative: str):
+    """Import a script of the repository by path (examples/ is not a package)."""
+    path = ROOT / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_digits_quick(tmp_path):
+    digits = load_script("examples/digits.py")
+    out = tmp_path / "digits"
+    result = digits.run(["--quick", "--out", str(out)])
+    names = {"digits.md", "digits.json", "digits_grid_ot-cfm.png", "digits_grid_i-cfm.png", "digits_memorisation.png"}
+    assert names <= {p.name for p in out.iterdir()}
+    assert all(p.stat().st_size > 5_000 for p in result["figures"])
+
+    written = json.loads((out / "digits.json").read_text())
+    variants = [v.name for v in digits.VARIANTS]
+    assert list(written["summary"]) == variants
+    for name in variants:
+        conditional = name.endswith("conditional")
+        for solver in digits.SOLVERS:
+            cell = written["summary"][name][solver]
+            assert ("conditional_accuracy" in cell) == conditional
+            assert all(math.isfinite(v) for pair in cell.values() for v in pair)
+            assert cell["frechet_distance"][0] > 0 and cell["w2"][0] > 0
+            assert 0 <= cell["coverage_entropy"][0] <= 1 and 0 <= cell["least_frequent_share"][0] <= 0.1 + 1e-12
+        for k in (1, 2, 4, 8):  # Euler takes exactly k evaluations
+            assert written["summary"][name][f"euler-{k}"]["nfe"] == [k, 0.0]
+    assert len(written["runs"]) == len(variants) and all(r["train_seconds"] > 0 for r in written["runs"])
+
+    # the exact field of the training images carries noise onto training images: distance 0, ratio 0;
+    # 150 steps of training do not copy any training image
+    memo = written["memorisation"]
+    assert memo["exact"]["median_distance"] == 0 and memo["exact"]["share_below_half"] == 1
+    assert memo["learned"]["median_distance"] > 0 and memo["learned"]["median_ratio"] > memo["exact"]["median_ratio"]
+
+    table = (out / "digits.md").read_text()
+    assert "| OT-CFM | " in table and "| torchcfm OT-CFM | " in table and "## conditional accuracy" in table
+    assert "python examples/digits.py --quick" in table
+    assert written["settings"]["steps"] == 150 and written["settings"]["seeds"] == [0]
+
+
+def test_digits_goal_lines_say_what_holds():
+    digits = load_script("examples/digits.py")
+    cell = {"frechet_distance": (1.0, 0.1)}
+    summary = {v.name: {s: dict(cell) for s in digits.SOLVERS} for v in digits.VARIANTS}
+    summary["I-CFM"]["euler-1"] = {"frechet_distance": (2.0, 0.1)}
+    summary["torchcfm OT-CFM"]["dopri5"] = {"frechet_distance": (0.5, 0.1)}
+    lines = "\n".join(digits.goal_lines(summary))
+    assert "OT-CFM vs I-CFM, euler-1: Fréchet distance 1.000 ± 0.100 vs 2.000 ± 0.100 (ratio 0.50): lower" in lines
+    assert "OT-CFM vs I-CFM, euler-2: Fréchet distance 1.000 ± 0.100 vs 1.000 ± 0.100 (ratio 1.00): NOT lower" in lines
+    assert lines.endswith("above torchcfm's at dopri5")
+
+
+def test_cifar10_quick(tmp_path):
+    cifar = load_script("examples/cifar10.py")
+    out = tmp_path / "cifar"
+    report = cifar.run(["--quick", "--out", str(out)])
+    written = json.loads((out / "cifar10.json").read_text())
+    assert written == json.loads(json.dumps(report))
+    # the memory estimate counts the model that was built: 20 bytes per parameter
+    quick = sum(p.numel() for p in unet_for(cifar.SHAPE, **cifar.QUICK_UNET).parameters())
+    assert written["memory"]["parameters"] == quick and written["memory"]["state_bytes"] == 20 * quick
+    with torch.device("meta"):
+        full = sum(p.numel() for p in unet_for((3, 32, 32)).parameters())
+    assert written["memory_full_preset"]["parameters"] == full and 30e6 < full < 40e6  # torchcfm's CIFAR-10 UNet
+    assert {(r["coupler"], r["mode"]) for r in written["measure"]} == {
+        (c, m) for c in ("exact", "independent") for m in ("inline", "overlapped")}
+    assert all(r["steps_per_second"] > 0 and r["peak_gib"] is None for r in written["measure"])
+    assert written["train"]["step"] == 2 and math.isfinite(written["train"]["loss"])
+    assert (out / "cifar10_samples.png").stat().st_size > 5_000
+    assert "| exact | inline (inline) |" in (out / "cifar10_steps.md").read_text()
