@@ -73,7 +73,8 @@ def sample_sde(field, score, x0: torch.Tensor, *, sigma: float, steps: int, gene
         enable_grad: keep the autograd graph (off by default: sampling is inference).
 
     Returns:
-        SampleResult: ``x`` (B, *shape), ``nfe`` (drift evaluations, each one call of field and one of score),
+        SampleResult: ``x`` (B, *shape), ``nfe`` (drift evaluations, each one call of field and one of score:
+        steps + 1 for "euler", torchsde evaluating the drift once to check its shape),
         and with ``return_trajectory`` also ``times`` (steps + 1,) and ``trajectory`` (steps + 1, B, *shape).
 
     Raises:

@@ -200,7 +200,7 @@ def test_sde_sampling_is_seeded_by_the_generator_only():
     c = sample_sde(f, s, x0, sigma=0.5, steps=10, generator=torch.Generator().manual_seed(4))
     assert torch.equal(a.x, b.x) and not torch.equal(a.x, c.x)
     assert a.trajectory.shape == (11, 64, 1, 2, 2) and torch.equal(a.trajectory[0], x0) and a.times[-1] == 1.0
-    assert a.x.dtype == torch.float32
+    assert a.x.dtype == torch.float32 and a.nfe == 11  # one drift call per Euler step, and torchsde's shape check
 
 
 @pytest.mark.parametrize("kwargs, match", [
