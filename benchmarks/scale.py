@@ -223,9 +223,9 @@ def to_markdown(single: list, dist_results: dict, args, command: str, seconds: f
         f"of {args.solve_repeats} per round, then over rounds): "
         + ", ".join(f"W = {w}: {fmt(solves[w])} ms" for w in solves) + ".",
         "",
-        "| W | global batch | coupler | mode | workers | ms/step | samples/s | solve per step and process (ms) | "
-        f"solve / one solve of B = {b * max(args.worlds)}, same run |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| W | global batch | coupler | mode | workers | ms/step | samples/s | exact / independent, same W and workers | "
+        f"solve per step and process (ms) | solve / one solve of B = {b * max(args.worlds)}, same run |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for world, results in dist_results.items():
         for (coupler, mode, workers), res in results.items():
@@ -233,8 +233,9 @@ def to_markdown(single: list, dist_results: dict, args, command: str, seconds: f
                 continue
             step = median_of(res, "step_ms")
             solve = median_of(res, "solve_ms_per_step") if coupler == "exact" else None
+            versus = ratio(res, results[("independent", "global", workers)]) if coupler == "exact" else None
             lines.append(f"| {world} | {b * world} | {coupler} | {mode if world > 1 else '-'} | {workers} | {fmt(step)} | "
-                         f"{fmt(b * world / step * 1e3, 4)} | {fmt(solve)} | "
+                         f"{b * world / step * 1e3:.0f} | {fmt(versus)} | {fmt(solve)} | "
                          f"{fmt(solve / solves[world]) if solve is not None else '-'} |")
     return "\n".join(lines) + "\n"
 
