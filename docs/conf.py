@@ -25,9 +25,6 @@ from sphinx.util import logging
 
 import ot_cfm
 
-# The tutorials' kernels inherit this: one torch thread, as the package recommends on small shared machines.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-
 project = "ot-cfm"
 author = "the ot-cfm authors"
 copyright = "2026, the ot-cfm authors"
@@ -60,8 +57,10 @@ autodoc_inherit_docstrings = False  # torch.nn.Module's forward docstring is tor
 # intersphinx inventories are fetched when the site is built), so those, and only those, are exempt.
 nitpicky = True
 nitpick_ignore = [(role, name) for name in dir(builtins) for role in ("py:class", "py:exc", "py:func", "py:obj")]
-nitpick_ignore_regex = [(r"py:.*", r"(torch|numpy|np|scipy|matplotlib|argparse|collections|typing|os|pathlib|"
-                                   r"concurrent|multiprocessing|threading|enum|dataclasses|abc|types|io)(\..*)?")]
+EXTERNAL = ("torch", "numpy", "np", "scipy", "matplotlib", "torchcfm", "torchdyn", "torchsde", "ot", "sklearn", "PIL", "tqdm",
+            "argparse", "collections", "typing", "os", "pathlib", "concurrent", "multiprocessing", "threading", "enum",
+            "dataclasses", "abc", "types", "io", "contextlib")
+nitpick_ignore_regex = [(r"py:.*", rf"({'|'.join(EXTERNAL)})(\..*)?")]
 
 PACKAGES = ("ot_cfm", "proximal", "manifold_tests", "ot_cfm_experiments")
 HERE = Path(__file__).parent
@@ -268,9 +267,9 @@ def public_bases(app, name, obj, options, bases) -> None:
 
 
 def setup(app):
+    # The tutorials' kernels inherit this: one torch thread, as the package recommends on small shared machines.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    app.connect("builder-inited", lambda app: write_api_pages())  # before Sphinx lists the source files
     app.connect("autodoc-process-docstring", read_docstring)
     app.connect("autodoc-process-bases", public_bases)
     app.connect("env-updated", register_aliases)
-
-
-write_api_pages()
