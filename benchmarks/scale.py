@@ -187,13 +187,14 @@ def fmt(x, digits=3) -> str:
     return "-" if x is None else f"{x:.{digits}g}"
 
 
-def to_markdown(single: list, dist_results: dict, args, command: str, seconds: float) -> str:
+def to_markdown(single: list, dist_results: dict, args, command: str, seconds: float, load: tuple) -> str:
     lines = [
         "# Scale: exact coupling off the critical path, one process and data-parallel",
         "",
         f"Command: `{command}`  ",
         f"Date: {datetime.date.today()}; wall time {seconds / 60:.1f} min; torch {torch.__version__}, 1 torch thread per "
-        f"process, {available_cores()} cores (shared with other work: timings move with the load; compare ratios).",
+        f"process, {available_cores()} cores shared with other work: load average {load[0]:.1f} at the start, "
+        f"{load[1]:.1f} at the end (1-minute averages; timings move with the load, compare ratios).",
         "",
         f"## One process: exact OT-CFM against independent coupling (batch {args.batch})",
         "",
@@ -266,11 +267,12 @@ def main(argv=None) -> int:
     if args.quick:
         args.steps, args.dist_steps, args.rounds, args.solve_repeats = 30, 20, 1, 5
     command = "python -m benchmarks.scale " + " ".join(sys.argv[1:] if argv is None else argv)
-    start = time.perf_counter()
+    start, load_start = time.perf_counter(), os.getloadavg()[0]
     single = single_process(args)
     print(single, flush=True)
     dist_results = distributed(args)
-    report = to_markdown(single, dist_results, args, command, time.perf_counter() - start)
+    report = to_markdown(single, dist_results, args, command, time.perf_counter() - start,
+                         (load_start, os.getloadavg()[0]))
     out = args.out or (None if args.quick else Path(__file__).parent / "results" / "scale.md")
     if out is not None:
         out.write_text(report)

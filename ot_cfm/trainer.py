@@ -218,6 +218,13 @@ class Trainer:
         metadata: facts stored in checkpoints (for example how to rebuild the model, the names of the
             samplers), made of strings, numbers, booleans, None, lists and dicts; part of the fingerprint that a
             checkpoint must match to resume.
+
+    Under ``torchrun`` (WORLD_SIZE > 1) the constructor joins the process group, initialising it from torchrun's
+    environment when the script has not (``ot_cfm.distributed.init_from_env``: gloo for a model on the CPU,
+    nccl on CUDA, where each process's model must already be on its own GPU, cuda:LOCAL_RANK), and wraps the
+    model in ``DistributedDataParallel``: ``distributed`` is then the process's ``DistributedContext`` (None in
+    one process) and ``forward_model`` the wrapper the training step calls (the model itself in one process).
+    Every process must build the same model (DDP starts all of them from rank 0's weights), samplers and config.
     """
 
     def __init__(self, model: nn.Module, matcher: ConditionalFlowMatcher, source: Callable, target: Callable,

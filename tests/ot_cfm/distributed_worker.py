@@ -6,8 +6,9 @@ environment variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK, L
 Scenarios: "train" fits a Trainer (the options are TrainConfig fields, plus "resume" and "kill_at": SIGKILL
 this process when that step begins) and saves this rank's final weights and the steps at which it wrote
 checkpoints; "basics" (one start of the processes for several checks) saves this rank's rows of steps 0..2 in
-both coupling modes, then trains one step in each mode ("global", "local") and the run "whole" (10 steps,
-checkpoints every 4, one worker process), each in that subfolder of OUT.
+both coupling modes and the error each rank gets when the owner's coupling of step 0 fails, then trains one
+step in each mode ("global", "local") and the run "whole" (10 steps, checkpoints every 4, one worker process),
+each in that subfolder of OUT.
 """
 
 import json
@@ -44,7 +45,18 @@ def pairs(out: Path, rank: int) -> None:
     for mode, data in (("global", GlobalBatches(source, target, matcher.coupler, 32, 5, rank, context.world_size)),
                        ("local", LocalShards(source, target, matcher.couple, 32, 5, rank, context.world_size))):
         saved[mode] = list(distributed_batch_stream(data, range(3), context, workers=1 if mode == "global" else 0))
+    try:
+        next(distributed_batch_stream(GlobalBatches(source, target, _Failing(), 32, 5, rank, context.world_size),
+                                      range(1), context))
+        saved["error"] = ""
+    except RuntimeError as err:
+        saved["error"] = str(err)
     torch.save(saved, out / f"pairs_{rank}.pt")
+
+
+class _Failing(ExactOTCoupler):
+    def indices(self, x0, x1, *, generator=None):
+        raise ValueError("this coupler always fails")
 
 
 class _Recording(Trainer):

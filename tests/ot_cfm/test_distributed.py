@@ -107,6 +107,9 @@ def test_global_pairs_are_one_process_pairs_and_local_pairs_are_each_shard_coupl
             l0, l1 = ExactOTCoupler().pair(d0[rows], d1[rows])
             assert torch.equal(s["local"][step][0], l0) and torch.equal(s["local"][step][1], l1)
         assert not torch.equal(torch.cat([s["local"][step][1] for s in saved]), x1)  # the modes differ
+    # a failed solve reaches every rank as an error (none waits for a permutation that never comes)
+    assert "ValueError: this coupler always fails" in saved[0]["error"]
+    assert "rank 0 failed to couple step 0" in saved[1]["error"]
 
 
 def test_first_update_of_global_mode_is_one_process_update(basics):
