@@ -18,8 +18,11 @@ Methods:
   scores and halves after each unscaled step, 10 times; then the residual is the hard mass
   error ``m - w`` with the last Laplacian as curvature (estimated on the first 2^20 samples of
   each batch; in the hard stage only those pay for a top-k, the rest for an argmax). A
-  Levenberg-Marquardt floor ``0.05 w / eps`` on the diagonal keeps empty cells finite. The batch
-  doubles whenever the error is at the noise level, so the last batches dominate the cost.
+  Levenberg-Marquardt term ``mu w / eps`` on the diagonal keeps empty cells finite; mu adapts as in
+  Marquardt's method: it starts at 1, halves after a step that lowered the measured TV and doubles
+  after one that raised it, within [0.05, 10]. The start is the c-transform of the Gaussian (Bures)
+  map onto the support's mean m and covariance S, ``g_j = (y_j - m)^T S^{+1/2} (y_j - m) / 2``. The
+  batch doubles whenever the error is at the noise level, so the last batches dominate the cost.
   ``"sgd"`` (baseline): stochastic gradient steps ``g <- g + gamma_k s (m - w) / (m + w)``
   (``s`` the score spread, ``gamma_k = 0.5 / sqrt(1 + k / 10)``) with the same batch growth.
 
@@ -167,11 +170,13 @@ def _stream(source: Source | None, dim: int, generator: torch.Generator, qmc: bo
 
 _ENTROPIC_STAGES = 10  # eps halvings before the hard stage
 _TRUST = 2.0  # largest Newton move of a dual weight, in units of eps
-_FLOOR = 0.05  # curvature floor, in units of w_j / eps (that of a cell of mass w_j softened by eps)
+_FLOOR = 0.05  # least Levenberg-Marquardt damping mu, in units of w_j / eps (a cell of mass w_j softened by eps)
+_MAX_DAMPING = 10.0  # largest mu
 _DENSE_LIMIT = 4096  # largest N for the dense Newton systems
 _TOP_K = 8  # soft assignments are kept on each sample's 8 best cells
 _EXACT_REPAIR_PAIRS = 2 ** 22  # most (over-full, under-full) cell pairs for the exact repair of the upper bound
 _HESSIAN_SAMPLES = 2 ** 20  # samples of a batch whose top-k pairs feed the Laplacian (digits: 2^16 stalled)
+_GAP_ROWS = 2 ** 12  # the first samples of a pass whose top-k gaps give its gap scale, whatever the chunk size
 
 
 @torch.no_grad()
@@ -192,7 +197,7 @@ def _batch_pass(y: torch.Tensor, g: torch.Tensor, draws: tuple[Callable, Callabl
     cell_sums = torch.zeros(num, y.shape[1], dtype=torch.float64, device=y.device)
     cell_squares = torch.zeros(num, dtype=torch.float64, device=y.device)
     best_score = square_norm = 0.0
-    gap_scale, seen = None, 0
+    gaps, gap_rows, seen = [], 0, 0
     yt, neg_g = y.T.contiguous(), -g.to(y.dtype)
     for half, draw in enumerate(draws):
         for start in range(0, n // 2, chunk):
@@ -200,7 +205,7 @@ def _batch_pass(y: torch.Tensor, g: torch.Tensor, draws: tuple[Callable, Callabl
             scores = torch.addmm(neg_g, x, yt)
             square_norm += float(x.square().sum(dtype=torch.float64))
             # rows [0, ranked) need their top-k scores: all of them for soft counts, else the Hessian's
-            ranked = x.shape[0] if soft_counts is not None or gap_scale is None else \
+            ranked = x.shape[0] if soft_counts is not None or gap_rows < _GAP_ROWS else \
                 (min(x.shape[0], hessian_samples - seen) if pair_weights is not None else 0)
             best, arg = scores[ranked:].max(1)
             best_score += float(best.sum(dtype=torch.float64))
@@ -215,8 +220,9 @@ def _batch_pass(y: torch.Tensor, g: torch.Tensor, draws: tuple[Callable, Callabl
             cell_squares.index_add_(0, cells, x64.square().sum(1))
             if ranked == 0:
                 continue
-            if gap_scale is None:
-                gap_scale = float((top[:, 0] - top[:, -1]).median()) if k > 1 else 1.0
+            if gap_rows < _GAP_ROWS:
+                gaps.append((top[:, 0] - top[:, -1])[:_GAP_ROWS - gap_rows])
+                gap_rows += gaps[-1].shape[0]
             if eps is None:
                 continue
             p = torch.softmax((top - top[:, :1]).double() / eps, dim=1)
@@ -231,7 +237,8 @@ def _batch_pass(y: torch.Tensor, g: torch.Tensor, draws: tuple[Callable, Callabl
     if eps is not None:
         pair = pair_weights.reshape(num, num)
         hessian = (torch.diag(pair.sum(1)) - pair) / (eps * max(seen, 1))
-    return _Pass(counts, n, best_score, square_norm, gap_scale or 1.0, cell_sums, cell_squares, soft_counts, hessian)
+    gap_scale = float(torch.cat(gaps).median()) if k > 1 and gaps else 1.0
+    return _Pass(counts, n, best_score, square_norm, gap_scale, cell_sums, cell_squares, soft_counts, hessian)
 
 
 def _cost_bounds(passed: _Pass, y: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> tuple[float, float, float]:
@@ -294,6 +301,25 @@ def _newton_direction(hessian: torch.Tensor, residual: torch.Tensor, floor: torc
     at a finite move.
     """
     return torch.linalg.solve(hessian + torch.diag(floor), residual)
+
+
+def _gaussian_start(y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Starting duals (N,) float64 for support y (N, d), weights w (N,): the c-transform of the Brenier potential
+    ``<m, x> + x^T S^{1/2} x / 2`` of the Gaussian N(m, S) with the support's mean and covariance,
+
+        g_j = (y_j - m)^T S^{+1/2} (y_j - m) / 2      (S^{+1/2}: inverse root on the range of S),
+
+    centred to mean 0. Exact for a Gaussian target: its Laguerre cell of y_j holds the x whose image
+    T(x) = m + S^{1/2} x is nearest to y_j in the metric S^{+1/2}. The isotropic Voronoi start (S = s^2 I, the
+    previous one) leaves many cells of an anisotropic support empty: on the digits training split (d = 64,
+    N = 1438; 2^17 samples) 218 empty cells and TV 0.66, against 98 and 0.49 from this start.
+    """
+    centred = y - w @ y
+    values, vectors = torch.linalg.eigh((centred * w[:, None]).T @ centred)
+    keep = values > values.max().clamp_min(0) * 1e-10
+    inverse_root = (vectors[:, keep] / values[keep].sqrt()) @ vectors[:, keep].T
+    g = 0.5 * ((centred @ inverse_root) * centred).sum(1)
+    return g - g.mean()
 
 
 def cell_masses(potential: DiscreteBrenierPotential, n: int, *, source: Source | None = None,
@@ -411,19 +437,14 @@ def _solve(start: DiscreteBrenierPotential, *, source, tol, max_time, max_iters,
     batch = 2 ** math.ceil(math.log2(batch_size or max(2 ** 14, 16 * num)))
     draws = tuple(_stream(source, dim, generator, qmc, y.device, y.dtype) for _ in range(2))
 
-    # Start from the Voronoi cells of the support normalised by a shift b and a scalar scale a (mean square
-    # coordinate 1, like the source): <x, y_j> - g_j ranks j as a (<x, z_j> - |z_j|^2 / 2) + <x, b> does,
-    # with z = (y - b) / a. Unnormalised Voronoi cells of a wide or off-centre support leave most cells empty.
-    centred = y.to(torch.float64) - (w @ y.to(torch.float64))
-    scale = float((w @ centred.square().sum(1)) / dim) ** 0.5
-    g = centred.square().sum(1) / (2 * max(scale, 1e-12))
-    g -= g.mean()
+    g = _gaussian_start(y.to(torch.float64), w)
     bar = None
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=None, desc=f"semidiscrete {method}", unit="step")
     history, samples, clock = [], 0, time.perf_counter()
     eps, eps_start, converged = None, None, False
+    damping, previous_tv = 1.0, None
     for it in range(max_iters):
         hard = eps is not None and eps <= eps_start / 2 ** _ENTROPIC_STAGES
         passed = _batch_pass(y, g, draws, batch, chunk, eps, soft=not hard)
@@ -447,7 +468,10 @@ def _solve(start: DiscreteBrenierPotential, *, source, tol, max_time, max_iters,
             # eps is halved after every unlimited step, down to eps_start / 2^STAGES; from there the
             # residual is the hard mass error and the entropic Laplacian is the curvature.
             residual = passed.masses - w if hard else passed.soft_counts / passed.n - w
-            delta = _newton_direction(passed.hessian, residual, _FLOOR * w / eps)
+            if previous_tv is not None:  # Marquardt: trust the quadratic model more after a step that helped
+                damping = max(_FLOOR, damping / 2) if tv < previous_tv else min(_MAX_DAMPING, 2 * damping)
+            previous_tv = tv
+            delta = _newton_direction(passed.hessian, residual, damping * w / eps)
             delta -= delta.mean()
             largest = float(delta.abs().max())
             if largest > _TRUST * eps:
