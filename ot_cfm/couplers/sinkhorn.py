@@ -42,6 +42,8 @@ _BLOCK_ENTRIES = 2**18
 # even 10^9 of them move a sum by less than 1e-25, below float64 round-off, while exp of very negative
 # inputs takes a slow path (12x slower on the benchmark CPU).
 _EXP_FLOOR = -80.0
+# marginal tolerance of the stages before the last of an epsilon schedule (the last meets ``tol``)
+_STAGE_TOL = 1e-2
 
 
 @dataclass(frozen=True)
@@ -236,7 +238,8 @@ class SinkhornCoupler(Coupler):
         log_a = -math.log(blocks.na.shape[0])
         f = torch.zeros_like(blocks.na)
         it, err, stages = 0, math.inf, self._schedule(unit)
-        for eps in stages:
+        for k, eps in enumerate(stages):
+            tol = self.tol if k == len(stages) - 1 else max(self.tol, _STAGE_TOL)
             g = blocks.soft_min(f, eps, 0)
             while it < self.max_iters:
                 it += 1
@@ -245,11 +248,11 @@ class SinkhornCoupler(Coupler):
                 err = float(torch.exp(log_a + (f - f_new) / eps).sub(math.exp(log_a)).abs().sum())
                 if math.isnan(err):  # a NaN potential (an infinite error alone can be a far start)
                     raise _non_finite_error(f.dtype, eps, it)
-                if err <= self.tol:
+                if err <= tol:
                     break
                 f = f_new
                 g = blocks.soft_min(f, eps, 0)
-            if err > self.tol:  # out of iterations: no later stage
+            if err > tol:  # out of iterations: no later stage
                 break
         _check_finite(f, g, eps, it)
         converged = err <= self.tol
