@@ -76,6 +76,10 @@ def random_cifar_file(path: Path, n: int, seed: int) -> Path:
     return path
 
 
+def describe(data: ImageDataset) -> str:
+    return "CIFAR-10" if data.name == "cifar10" else "random CIFAR-shaped images"
+
+
 def build_model(args) -> nn.Module:
     torch.manual_seed(args.seed)  # model initialisation, on the CPU: the same weights on every device
     return unet_for(SHAPE, **(QUICK_UNET if args.quick else {})).to(args.device)
@@ -153,7 +157,7 @@ def train(args, data: ImageDataset) -> dict:
     with torch.no_grad():
         images, nfe = _sample_images(model, x0, None, 1.0, solver="euler", steps=8)
     figure = plot_image_grid(args.out / "cifar10_samples.png", images, columns=8,
-                             title=f"{data.name}: {args.coupler} coupler, step {result.step}, Euler NFE {nfe:g}")
+                             title=f"{describe(data)}: {args.coupler} coupler, step {result.step}, Euler NFE {nfe:g}")
     return {"step": result.step, "loss": result.loss, "seconds": result.seconds,
             "ms_per_step": 1000 * result.seconds / max(1, result.steps_trained), "workers": result.workers,
             "threads": result.threads, "figure": str(figure)}
@@ -214,7 +218,7 @@ def run(argv=None) -> dict:
     used = parameter_count(build_model(args))
     report = {"device": device_name, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "preset": dataclasses.asdict(UNET_PRESETS["cifar10"]), "memory": state_memory(used),
-              "memory_full_preset": state_memory(full), "dataset": data.name}
+              "memory_full_preset": state_memory(full), "dataset": describe(data)}
     if args.measure or args.quick:
         rows = measure(args, data)
         report["measure"] = rows

@@ -5,7 +5,9 @@ for training, 359 held out) with one model, one optimiser loop (``Trainer``) and
 
 - ``OT-CFM``: exact minibatch OT (``ExactOTCoupler``);  ``I-CFM``: independent pairs (``IndependentCoupler``);
 - ``torchcfm OT-CFM``: torchcfm's ``ExactOptimalTransportConditionalFlowMatcher`` makes (t, x_t, u_t) from the
-  same batches, our model and loop train on them (the reference; unconditional);
+  same batches, our model and loop train on them (the reference; unconditional). It draws the batch's pairs from
+  the OT plan with replacement (about 37 % of them repeats); ``torchcfm OT-CFM, no replacement`` draws them
+  without (``OTPlanSampler.sample_plan(replace=False)``: every pair of the optimal permutation once, as ours);
 - ``OT-CFM, conditional``: OT within classes (``ClassConditionalCoupler``); ``I-CFM, conditional``: independent
   pairs; both with label dropout and classifier-free guidance (``guided_field``) at sampling.
 
@@ -43,6 +45,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torchcfm.conditional_flow_matching import ConditionalFlowMatcher as TorchcfmBase
+from torchcfm.conditional_flow_matching import ExactOptimalTransportConditionalFlowMatcher
 
 from ot_cfm.atomic import atomic_write
 from ot_cfm.cli.images import IMAGE_EULER_NFES, _evaluate_images, _sample_images, _write_grid
@@ -71,40 +75,45 @@ MEMORISATION_SHOWN = 8  # samples shown in the memorisation figure (the histogra
 
 class TorchcfmMatcher(ConditionalFlowMatcher):
     """torchcfm's ``ExactOptimalTransportConditionalFlowMatcher`` (sigma 0) as the Trainer's matcher: the batches
-    arrive as i.i.d. draws (no coupler of ours), torchcfm samples its plan, t and (t, x_t, u_t), and the loss is
-    E |v(t, x_t) - u_t|^2, as in torchcfm's README. torchcfm draws from numpy's and torch's global generators."""
+    arrive as i.i.d. draws (no coupler of ours), torchcfm samples pairs from its OT plan (with replacement, as its
+    matcher does, or without), then t and (t, x_t, u_t); the loss is E |v(t, x_t) - u_t|^2, as in torchcfm's README.
+    torchcfm draws from numpy's and torch's global generators."""
 
-    def __init__(self):
-        from torchcfm.conditional_flow_matching import ExactOptimalTransportConditionalFlowMatcher
-
+    def __init__(self, replace: bool = True):
         super().__init__(coupler=None, sigma=0.0)
-        self.reference = ExactOptimalTransportConditionalFlowMatcher(sigma=0.0)
+        self.reference, self.replace = ExactOptimalTransportConditionalFlowMatcher(sigma=0.0), replace
 
     def __repr__(self) -> str:
-        return "TorchcfmMatcher(ExactOptimalTransportConditionalFlowMatcher(sigma=0.0))"
+        return f"TorchcfmMatcher(ExactOptimalTransportConditionalFlowMatcher(sigma=0.0), replace={self.replace})"
 
     def loss(self, model, x0: torch.Tensor, x1: torch.Tensor, **_) -> torch.Tensor:
-        t, x_t, u_t = self.reference.sample_location_and_conditional_flow(x0, x1)
+        if self.replace:
+            t, x_t, u_t = self.reference.sample_location_and_conditional_flow(x0, x1)
+        else:  # the same steps as torchcfm's matcher, with its plan sampler's replace=False
+            x0, x1 = self.reference.ot_sampler.sample_plan(x0, x1, replace=False)
+            t, x_t, u_t = TorchcfmBase.sample_location_and_conditional_flow(self.reference, x0, x1)
         return torch.mean((model(t, x_t) - u_t) ** 2)
 
 
 @dataclass(frozen=True)
 class Variant:
-    """name; pairing "exact" (within classes when conditional), "independent" or "torchcfm"; conditional."""
+    """name; pairing "exact" (within classes when conditional), "independent", "torchcfm" (pairs drawn from the
+    plan with replacement) or "torchcfm-unique" (without); conditional."""
 
     name: str
     pairing: str
     conditional: bool = False
 
     def matcher(self) -> ConditionalFlowMatcher:
-        if self.pairing == "torchcfm":
-            return TorchcfmMatcher()
+        if self.pairing.startswith("torchcfm"):
+            return TorchcfmMatcher(replace=self.pairing == "torchcfm")
         if self.pairing == "exact":
             return ConditionalFlowMatcher(ClassConditionalCoupler() if self.conditional else ExactOTCoupler())
         return ConditionalFlowMatcher(IndependentCoupler())
 
 
 VARIANTS = (Variant("OT-CFM", "exact"), Variant("I-CFM", "independent"), Variant("torchcfm OT-CFM", "torchcfm"),
+            Variant("torchcfm OT-CFM, no replacement", "torchcfm-unique"),
             Variant("OT-CFM, conditional", "exact", True), Variant("I-CFM, conditional", "independent", True))
 
 
@@ -164,9 +173,17 @@ def fmt(pair, digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def goal_lines(summary: dict) -> list[str]:
+def paired_ratios(runs: list[dict], a: str, b: str, solver: str) -> list[float]:
+    """Fréchet distance of variant a over that of variant b at ``solver``, one ratio per seed (same noise)."""
+    fd = {(r["variant"], r["seed"]): next(row["frechet_distance"] for row in r["rows"] if row["solver"] == solver)
+          for r in runs}
+    return [fd[(a, seed)] / fd[(b, seed)] for (name, seed) in fd if name == a]
+
+
+def goal_lines(summary: dict, runs: list[dict]) -> list[str]:
     """The issue's goals, checked on the means: OT-CFM below I-CFM in Fréchet distance at NFE 1 and 2 (both
-    unconditional and conditional), and OT-CFM not above torchcfm's at any solver setting."""
+    unconditional and conditional), and OT-CFM not above torchcfm's at any solver setting; with the per-seed
+    ratios to torchcfm's two pair samplings."""
     lines = []
     for ot, ind in (("OT-CFM", "I-CFM"), ("OT-CFM, conditional", "I-CFM, conditional")):
         for solver in ("euler-1", "euler-2"):
@@ -174,12 +191,15 @@ def goal_lines(summary: dict) -> list[str]:
             verdict = "lower" if a[0] < b[0] else "NOT lower"
             lines.append(f"- {ot} vs {ind}, {solver}: Fréchet distance {fmt(a)} vs {fmt(b)} "
                          f"(ratio {a[0] / b[0]:.2f}): {verdict}")
-    worse = [s for s in SOLVERS if summary["OT-CFM"][s]["frechet_distance"][0]
-             > summary["torchcfm OT-CFM"][s]["frechet_distance"][0]]
-    ratios = ", ".join(f"{s} {summary['OT-CFM'][s]['frechet_distance'][0] / summary['torchcfm OT-CFM'][s]['frechet_distance'][0]:.2f}"
-                       for s in SOLVERS)
-    lines.append(f"- OT-CFM / torchcfm OT-CFM, Fréchet distance (means): {ratios}; "
-                 + ("above torchcfm's at " + ", ".join(worse) if worse else "at or below torchcfm's at every setting"))
+    for reference in ("torchcfm OT-CFM", "torchcfm OT-CFM, no replacement"):
+        mean = {s: summary["OT-CFM"][s]["frechet_distance"][0] / summary[reference][s]["frechet_distance"][0]
+                for s in SOLVERS}
+        worse = [s for s in SOLVERS if mean[s] > 1]
+        per_seed = "; ".join(f"{s} " + ", ".join(f"{q:.2f}" for q in paired_ratios(runs, "OT-CFM", reference, s))
+                             for s in SOLVERS)
+        lines.append(f"- OT-CFM / {reference}, Fréchet distance: means {', '.join(f'{s} {q:.2f}' for s, q in mean.items())}"
+                     f"; " + (f"above {reference}'s at " + ", ".join(worse) if worse else
+                              f"at or below {reference}'s at every setting") + f". Per seed: {per_seed}")
     return lines
 
 
@@ -216,7 +236,7 @@ def to_markdown(summary: dict, runs: list[dict], refs: dict, memo: dict, args, c
             lines += ["", f"Reference: the classifier's accuracy on the held-out images, "
                           f"{refs['classifier_held_out_accuracy']:.3f}."]
         lines.append("")
-    lines += ["## Goals (on the means)", "", *goal_lines(summary), "", "## Wall time", "",
+    lines += ["## Goals (on the means)", "", *goal_lines(summary, runs), "", "## Wall time", "",
               "Per seed, means over seeds; wall seconds, and the CPU seconds of the process while it trained.", "",
               "| variant | training s | training CPU s | CPU ms per step | evaluation s |", "| --- | --- | --- | --- | --- |"]
     for v in VARIANTS:

@@ -59,16 +59,29 @@ def test_digits_quick(tmp_path):
     assert written["settings"]["steps"] == 150 and written["settings"]["seeds"] == [0]
 
 
-def test_digits_goal_lines_say_what_holds():
+def test_digits_summary_and_goal_lines_say_what_holds():
     digits = load_script("examples/digits.py")
-    cell = {"frechet_distance": (1.0, 0.1)}
-    summary = {v.name: {s: dict(cell) for s in digits.SOLVERS} for v in digits.VARIANTS}
-    summary["I-CFM"]["euler-1"] = {"frechet_distance": (2.0, 0.1)}
-    summary["torchcfm OT-CFM"]["dopri5"] = {"frechet_distance": (0.5, 0.1)}
-    lines = "\n".join(digits.goal_lines(summary))
-    assert "OT-CFM vs I-CFM, euler-1: Fréchet distance 1.000 ± 0.100 vs 2.000 ± 0.100 (ratio 0.50): lower" in lines
-    assert "OT-CFM vs I-CFM, euler-2: Fréchet distance 1.000 ± 0.100 vs 1.000 ± 0.100 (ratio 1.00): NOT lower" in lines
-    assert lines.endswith("above torchcfm's at dopri5")
+    fd = {name: [1.0, 3.0] for name in (v.name for v in digits.VARIANTS)}  # per seed, every solver unless below
+
+    def value(name, seed, solver):
+        if name == "I-CFM" and solver == "euler-1":
+            return [4.0, 6.0][seed]
+        if name == "torchcfm OT-CFM" and solver == "dopri5":
+            return [0.5, 1.5][seed]
+        return fd[name][seed]
+
+    runs = [{"variant": name, "seed": seed, "rows": [{"solver": s, "frechet_distance": value(name, seed, s)}
+                                                      for s in digits.SOLVERS]}
+            for seed in (0, 1) for name in fd]
+    summary = digits.summarise(runs)
+    assert summary["I-CFM"]["euler-1"]["frechet_distance"] == (5.0, math.sqrt(2.0))  # mean, sample std
+    assert digits.paired_ratios(runs, "OT-CFM", "torchcfm OT-CFM", "dopri5") == [2.0, 2.0]
+    lines = digits.goal_lines(summary, runs)
+    assert "- OT-CFM vs I-CFM, euler-1: Fréchet distance 2.000 ± 1.414 vs 5.000 ± 1.414 (ratio 0.40): lower" in lines
+    assert "- OT-CFM vs I-CFM, euler-2: Fréchet distance 2.000 ± 1.414 vs 2.000 ± 1.414 (ratio 1.00): NOT lower" in lines
+    torchcfm, unique = lines[-2:]
+    assert "dopri5 2.00; above torchcfm OT-CFM's at dopri5." in torchcfm and torchcfm.endswith("dopri5 2.00, 2.00")
+    assert "at or below torchcfm OT-CFM, no replacement's at every setting" in unique
 
 
 def test_cifar10_quick(tmp_path):
