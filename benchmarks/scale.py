@@ -266,7 +266,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     if args.quick:
         args.steps, args.dist_steps, args.rounds, args.solve_repeats = 30, 20, 1, 5
-    command = "python -m benchmarks.scale " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = " ".join(["python -m benchmarks.scale", *(sys.argv[1:] if argv is None else argv)])
     start, load_start = time.perf_counter(), os.getloadavg()[0]
     single = single_process(args)
     print(single, flush=True)
