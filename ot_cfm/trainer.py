@@ -54,10 +54,11 @@ from ot_cfm.distributed import (
     per_rank_batch,
     run_agreed,
 )
-from ot_cfm.matcher import ConditionalFlowMatcher
-from ot_cfm.models import drop_labels, is_conditional
+from ot_cfm.matcher import ConditionalFlowMatcher, LossTerms
+from ot_cfm.models import drop_labels, has_score, is_conditional
 from ot_cfm.parallelism import auto_threads, auto_workers, available_cores, torch_threads
 from ot_cfm.run_folder import claim_run_folder
+from ot_cfm.validation import expand_like
 
 __all__ = ["TrainConfig", "TrainResult", "Trainer", "CHECKPOINT_NAME", "METRICS_NAME", "PRECISIONS",
            "check_precision"]
@@ -222,8 +223,8 @@ class Trainer:
     Under ``torchrun`` (WORLD_SIZE > 1) the constructor joins the process group, initialising it from torchrun's
     environment when the script has not (``ot_cfm.distributed.init_from_env``: gloo for a model on the CPU,
     nccl on CUDA, where each process's model must already be on its own GPU, cuda:LOCAL_RANK), and wraps the
-    model in ``DistributedDataParallel``: ``distributed`` is then the process's ``DistributedContext`` (None in
-    one process) and ``forward_model`` the wrapper the training step calls (the model itself in one process).
+    model in ``DistributedDataParallel`` (its forward returns the flow and, for a model with a score head, the
+    score): ``distributed`` is then the process's ``DistributedContext`` (None in one process).
     Every process must build the same model (DDP starts all of them from rank 0's weights), samplers and config.
     """
 
@@ -256,9 +257,9 @@ class Trainer:
         self.world_size = self.distributed.world_size if self.distributed else 1
         per_rank_batch(config.batch_size, self.world_size)  # a global batch that does not split is refused now
         self.is_main = self.distributed is None or self.distributed.is_main
-        # the module the training step calls: DDP (which all-reduces the gradients) around the model, or the model
-        self.forward_model = (DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda"
-                                                      else None) if self.distributed else model)
+        # data-parallel: what the training step calls, DDP (which all-reduces the gradients) around the model
+        self._ddp = (DistributedDataParallel(_FlowAndScore(model), device_ids=[self.device]
+                                             if self.device.type == "cuda" else None) if self.distributed else None)
 
     @property
     def sampling_model(self) -> nn.Module:
@@ -344,22 +345,32 @@ class Trainer:
         t, eps (and dropped labels) are drawn for all B rows with the trainer's generator, as one process on
         the whole batch draws them, and this rank keeps its rows: every rank's generator stays in step with a
         single process's, and with equal shares DDP's mean of the ranks' gradients is the gradient of the
-        global mean loss."""
+        global mean loss. A model with a score head adds the score term mean |sigma_t s(t, x_t) + eps|^2 of
+        ``ConditionalFlowMatcher.loss_terms``."""
+        scored = has_score(self.model)
+        if scored and not self.matcher.path.has_score:
+            raise ValueError(f"the model has a score head but the path {self.matcher.path!r} has no noise: score "
+                             "matching needs sigma > 0")
         rows, batch_size = self.distributed.rows(self.config.batch_size), self.config.batch_size
         full_x0 = x0.new_zeros((batch_size, *x0.shape[1:]))
         full_x1 = x1.new_zeros((batch_size, *x1.shape[1:]))
         full_x0[rows], full_x1[rows] = x0, x1
         s = self.matcher.sample(full_x0, full_x1, generator=self.generator, coupled=True)
+        t, x_t, u_t = s.t[rows], s.x_t[rows], s.u_t[rows]
         if self.conditional:
             full_y1 = y1.new_zeros(batch_size)
             full_y1[rows] = y1
             y = drop_labels(full_y1, self.config.label_dropout, self.model.null_label, self.generator)[rows]
-            v = self.forward_model(s.t[rows], s.x_t[rows], y)
+            outputs = self._ddp(t, x_t, y)
         else:
-            v = self.forward_model(s.t[rows], s.x_t[rows])
-        if v.shape != s.u_t[rows].shape:
-            raise ValueError(f"model returned shape {tuple(v.shape)}, expected {tuple(s.u_t[rows].shape)} (x_t's shape)")
-        return torch.mean((v - s.u_t[rows]) ** 2)
+            outputs = self._ddp(t, x_t)
+        v = outputs[0]
+        if v.shape != u_t.shape:
+            raise ValueError(f"model returned shape {tuple(v.shape)}, expected {tuple(u_t.shape)} (the shape of x_t)")
+        if not scored:
+            return LossTerms(torch.mean((v - u_t) ** 2)).total
+        sigma_t = expand_like(self.matcher.path.sigma_t(t), x_t)
+        return LossTerms(torch.mean((v - u_t) ** 2), torch.mean((sigma_t * outputs[1] + s.noise[rows]) ** 2)).total
 
     def _stream(self, steps: range, *, workers: int, thread: bool):
         """This process's batches of ``steps``: the coupled batches, or data-parallel this rank's rows of them."""
@@ -570,6 +581,18 @@ class Trainer:
             warnings.warn(f"resuming {path} (step {self.step}), trained by {saved_world} process(es), with "
                           f"{self.world_size}: the global batch stays {self.config.batch_size}, "
                           f"{self.config.batch_size // self.world_size} rows per process; {same}", stacklevel=2)
+
+
+class _FlowAndScore(nn.Module):
+    """``model(*args)``, and ``model.score(*args)`` for a model with a score head, in one forward: the module
+    that DistributedDataParallel wraps, so that its forward uses every parameter the loss needs."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args) -> tuple[torch.Tensor, ...]:
+        return (self.model(*args), self.model.score(*args)) if has_score(self.model) else (self.model(*args),)
 
 
 class _Drew:

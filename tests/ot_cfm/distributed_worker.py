@@ -7,8 +7,8 @@ Scenarios: "train" fits a Trainer (the options are TrainConfig fields, plus "res
 this process when that step begins) and saves this rank's final weights and the steps at which it wrote
 checkpoints; "basics" (one start of the processes for several checks) saves this rank's rows of steps 0..2 in
 both coupling modes and the error each rank gets when the owner's coupling of step 0 fails, then trains one
-step in each mode ("global", "local") and the run "whole" (10 steps, checkpoints every 4, one worker process),
-each in that subfolder of OUT.
+step in each mode ("global", "local"), two steps of a flow-and-score model ("score") and the run "whole"
+(10 steps, checkpoints every 4, one worker process), each in that subfolder of OUT.
 """
 
 import json
@@ -22,19 +22,24 @@ import torch
 from ot_cfm.couplers.exact import ExactOTCoupler
 from ot_cfm.data import toy_sampler
 from ot_cfm.distributed import GlobalBatches, LocalShards, distributed_batch_stream, init_from_env
-from ot_cfm.matcher import ConditionalFlowMatcher
-from ot_cfm.models import MLP
+from ot_cfm.matcher import ConditionalFlowMatcher, SchrodingerBridgeConditionalFlowMatcher
+from ot_cfm.models import MLP, FlowAndScore
 from ot_cfm.trainer import TrainConfig, Trainer
 
 
 def make_trainer(options: dict, trainer_class=Trainer) -> Trainer:
-    """The test run: the same model, samplers and matcher in every process and in the test itself."""
+    """The test run: the same model, samplers and matcher in every process and in the test itself. Option
+    "score": True trains a flow-and-score model with Schrodinger-bridge CFM (Sinkhorn pairs drawn at random)."""
     torch.manual_seed(0)  # model initialisation
     config = dict(steps=4, batch_size=32, lr=1e-2, log_every=1, checkpoint_every=4, progress=False, workers=0,
                   threads=1)
     config.update(options)
-    return trainer_class(MLP(2, width=16, depth=2), ConditionalFlowMatcher(coupler=ExactOTCoupler(), sigma=0.1),
-                         toy_sampler("gaussian"), toy_sampler("moons"), TrainConfig(**config))
+    if config.pop("score", False):
+        model = FlowAndScore(MLP(2, width=16, depth=2), MLP(2, width=16, depth=2))
+        matcher = SchrodingerBridgeConditionalFlowMatcher(sigma=0.5)
+    else:
+        model, matcher = MLP(2, width=16, depth=2), ConditionalFlowMatcher(coupler=ExactOTCoupler(), sigma=0.1)
+    return trainer_class(model, matcher, toy_sampler("gaussian"), toy_sampler("moons"), TrainConfig(**config))
 
 
 def pairs(out: Path, rank: int) -> None:
@@ -89,6 +94,7 @@ def train(out: Path, rank: int, options: dict) -> None:
 
 #: the runs of the "basics" scenario: subfolder -> options
 BASIC_RUNS = {"global": dict(steps=1, coupling_mode="global"), "local": dict(steps=1, coupling_mode="local"),
+              "score": dict(steps=2, score=True),
               "whole": dict(steps=10, checkpoint_every=4, workers=1)}
 
 

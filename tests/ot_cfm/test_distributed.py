@@ -125,6 +125,20 @@ def test_first_update_of_global_mode_is_one_process_update(basics):
     assert (local - single).abs().max() > 1e-4  # local pairs are other pairs: a different update
 
 
+def test_a_flow_and_score_model_trains_its_score_head_across_ranks_as_in_one_process(basics):
+    # Schrodinger-bridge CFM: Sinkhorn pairs drawn with each step's generator, the loss's score term, and both
+    # networks inside DDP's forward; two steps on two processes give one process's weights
+    options = BASIC_RUNS["score"]
+    two = load_ranks(basics / "score")[0]["weights"]
+    trainer = make_trainer(options)
+    score_before = torch.cat([p.detach().flatten() for p in trainer.model.score_net.parameters()])
+    trainer.fit()
+    one = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+    score_after = torch.cat([p.detach().flatten() for p in trainer.model.score_net.parameters()])
+    assert (score_after - score_before).abs().max() > 1e-3  # the score head trains
+    torch.testing.assert_close(two, one, rtol=0, atol=1e-6)
+
+
 def test_rank0_alone_writes_checkpoints_and_log_and_ten_steps_follow_one_process(basics):
     whole = basics / "whole"
     ranks = load_ranks(whole)
