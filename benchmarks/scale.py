@@ -218,7 +218,8 @@ def to_markdown(single: list, dist_results: dict, args, command: str, seconds: f
         f"## Data-parallel, {b} rows per process (global batch {b} x W)",
         "",
         f"W processes started as torchrun starts them (gloo), {args.dist_steps}-step blocks, {args.rounds} rounds; "
-        "rank 0's step time. Solve per step: the exact coupling time one process spends per step (0 workers, "
+        "rank 0's step time. With 0 workers, global mode solves ahead in the Trainer's prefetch thread, local mode "
+        "inline. Solve per step: the exact coupling time one process spends per step (0 workers, "
         f"measured by a timing wrapper around the coupler), against one solve of the largest global batch "
         f"(B = {b * max(args.worlds)}) timed alone among the blocks, in each of the W processes at once (median "
         f"of {args.solve_repeats} per round, then over rounds): "

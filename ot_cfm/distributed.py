@@ -11,10 +11,11 @@ Batch k is a pure function of (seed, k) (``ot_cfm.batches``), so every rank draw
 
 - ``"global"``: one coupling of the whole global batch, the pairs one process would train on. Step k's problem
   is solved by rank k mod W alone and that rank broadcasts only the index pairs (i, j), 2 B integers, when the
-  step comes; per step and rank that is 1 / W of a global solve. With worker processes (``TrainConfig.workers``)
-  or the prefetch thread of a GPU run, each rank solves its steps ahead while the model trains: it has W steps
-  of time for each solve. With neither (inline), the owner solves at the step while the others wait at the
-  broadcast: the CPU work per rank is still 1 / W, but every step waits for one global solve.
+  step comes; per step and rank that is 1 / W of a global solve. Each rank solves its steps ahead while the
+  model trains, in its worker processes (``TrainConfig.workers``) or, with none, in a prefetch thread (the
+  Trainer uses one in this mode even on the CPU): it has W steps of time for each solve. Inline (no thread,
+  no workers: ``distributed_batch_stream(..., thread=False)``) the owner would solve at the step while the
+  others wait at the broadcast.
   ``GlobalBatches`` and ``distributed_batch_stream``.
 - ``"local"``: rank r couples its own rows (B / W noise with B / W data), as torchcfm's DDP recipe does:
   W solves of size B / W per step, one on each rank, no communication. ``LocalShards``.

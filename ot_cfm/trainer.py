@@ -462,7 +462,11 @@ class Trainer:
         bar = tqdm(total=c.steps, initial=self.step, disable=not (c.progress and self.is_main), dynamic_ncols=True,
                    desc=f"train ({processes}{workers} worker{'s' * (workers != 1)}, "
                         f"{threads} thread{'s' * (threads != 1)})")
-        thread = overlap_mode(self.device, workers, self.coupling_device) == "thread"
+        # Data-parallel global coupling without workers: a prefetch thread even on the CPU, so that each rank
+        # solves its next step's problem ahead instead of every rank waiting at the broadcast for one solve
+        # (2 processes on 2 cores, batch 256: 0.70x the step time of inline coupling, median of 3 rounds).
+        thread = overlap_mode(self.device, workers, self.coupling_device) == "thread" or (
+            self.distributed is not None and c.coupling_mode == "global" and workers == 0)
         batches = self._stream(range(self.step, c.steps), workers=workers, thread=thread)
         with _interrupts_at_step_boundaries() as interrupted, contextlib.closing(bar), contextlib.closing(batches):
             for batch in batches:
