@@ -67,8 +67,26 @@ def _swissroll(n, g):
     return points / 5
 
 
+# torchcfm's S curve (the two_dim data of its training runner; its package utils have none): scikit-learn's
+# make_s_curve with noise 0.1, coordinates (x, z), every entry divided by the entries' standard deviation and
+# multiplied by 7. The runner divides by each batch's own mean and std, so its draws are not i.i.d.; here
+# the population values: mean 0 (x = sin t and z = sign(t) (cos t - 1) are odd in t ~ U(-3 pi / 2, 3 pi / 2))
+# and variance (E x^2 + E z^2) / 2 = (1/2 + 0.01 + 3/2 + 4 / (3 pi) + 0.01) / 2 = 1.01 + 2 / (3 pi).
+_SCURVE_NOISE = 0.1
+_SCURVE_SCALE = 7.0 / math.sqrt(1.01 + 2 / (3 * math.pi))
+
+
+def _scurve(n, g):
+    from sklearn.datasets import make_s_curve  # lazy, like load_digits: importing scikit-learn takes a second
+
+    # one seed per call from the generator: draws follow it, and successive draws are independent
+    seed = int(torch.randint(0, 2**32, (), generator=g))
+    points, _ = make_s_curve(n, noise=_SCURVE_NOISE, random_state=seed)
+    return torch.from_numpy(points[:, [0, 2]] * _SCURVE_SCALE).float()
+
+
 _TOYS = {"gaussian": _gaussian, "8gaussians": _eight_gaussians, "moons": _moons,
-         "checkerboard": _checkerboard, "circles": _circles, "swissroll": _swissroll}
+         "checkerboard": _checkerboard, "circles": _circles, "swissroll": _swissroll, "scurve": _scurve}
 TOY_DATASETS = tuple(_TOYS)
 
 

@@ -128,8 +128,23 @@ def check_swissroll(x):
     assert_mean(x.pow(2).sum(1), (9.75 * math.pi**2 + 2) / 25, "E|x|^2")
 
 
+def check_scurve(x):
+    """scikit-learn's S curve (sin t, 2 u, sign(t) (cos t - 1)) + 0.1 N(0, I_3), t ~ U(-3 pi / 2, 3 pi / 2), projected
+    on its first and last coordinates and scaled by c so that the pooled entries have std 7 (torchcfm's scaling):
+    E x = E z = 0 (odd in t); E sin^2 t = 1/2, E cos t = -2 / (3 pi), E cos^2 t = 1/2, so E x^2 = c^2 0.51 and
+    E z^2 = c^2 (1.51 + 4 / (3 pi)), whose mean is 49; E x z = c^2 E sin|t| (cos t - 1) = -c^2 / (3 pi)."""
+    c2 = 49 / (1.01 + 2 / (3 * math.pi))
+    assert_mean(x[:, 0], 0.0, "E x")
+    assert_mean(x[:, 1], 0.0, "E z")
+    assert_mean(x[:, 0] ** 2, c2 * 0.51, "E x^2")
+    assert_mean(x[:, 1] ** 2, c2 * (1.51 + 4 / (3 * math.pi)), "E z^2")
+    assert_mean(x.pow(2).mean(1), 49.0, "pooled second moment")
+    assert_mean(x[:, 0] * x[:, 1], -c2 / (3 * math.pi), "E xz")
+
+
 MOMENT_CHECKS = {"gaussian": check_gaussian, "8gaussians": check_eight_gaussians, "moons": check_moons,
-                 "checkerboard": check_checkerboard, "circles": check_circles, "swissroll": check_swissroll}
+                 "checkerboard": check_checkerboard, "circles": check_circles, "swissroll": check_swissroll,
+                 "scurve": check_scurve}
 
 
 def test_every_toy_dataset_has_a_moment_check():
