@@ -1,10 +1,13 @@
+import math
+
 import numpy as np
 import ot
 import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
+from torchcfm.optimal_transport import wasserstein as torchcfm_wasserstein
 
-from ot_cfm.metrics import normalized_path_energy, path_energy, wasserstein2
+from ot_cfm.metrics import normalized_path_energy, path_energy, wasserstein, wasserstein2
 
 
 def test_w2_of_a_translation_is_the_shift_length():
@@ -135,3 +138,93 @@ def test_path_energy_rejects_times_of_the_wrong_shape():
     traj, times, _ = quadratic_paths()
     with pytest.raises(ValueError, match="times must have shape"):
         path_energy(traj, times[:-1])
+
+
+# ---------------------------------------------------------------- wasserstein(power=1 or 2, exact or sinkhorn)
+
+
+def two_clouds(seed=5, n0=40, n1=55, d=3):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n0, d, generator=g, dtype=torch.float64)
+    b = 0.7 * torch.randn(n1, d, generator=g, dtype=torch.float64) + torch.tensor([1.0, -0.5, 0.3], dtype=torch.float64)
+    return a, b
+
+
+def pot_value(a, b, power, reg=None):
+    """POT on the raw costs |a - b|^power: emd2 (exact) or sinkhorn2 (entropic, absolute reg), then the 1/power root."""
+    x, y = a.double().numpy(), b.double().numpy()
+    cost = ot.dist(x, y, metric="euclidean") if power == 1 else ot.dist(x, y)
+    wa, wb = ot.unif(len(x)), ot.unif(len(y))
+    value = ot.emd2(wa, wb, cost, numItermax=10**9) if reg is None else ot.sinkhorn2(wa, wb, cost, reg, numItermax=10**7)
+    return float(value) ** (1 / power)
+
+
+@pytest.mark.parametrize("power", [1, 2])
+def test_wasserstein_exact_equals_pot_and_torchcfm(power):
+    """W_p itself (not its p-th power) on unequal random sets: the same LP as POT's emd2 on the raw costs and as
+    torchcfm's ``wasserstein`` (which calls it), to rounding; power 2 is ``wasserstein2``."""
+    a, b = two_clouds()
+    expected = pot_value(a, b, power)
+    assert wasserstein(a, b, power=power) == pytest.approx(expected, rel=1e-10)
+    assert wasserstein(a, b, "exact", power=power) == pytest.approx(torchcfm_wasserstein(a, b, power=power), rel=1e-10)
+    if power == 2:
+        assert wasserstein(a, b) == pytest.approx(wasserstein2(a, b), rel=1e-12)
+
+
+def test_wasserstein_one_and_two_on_dirac_masses():
+    """Two Dirac masses 3 apart: W1 = W2 = 3. Half the mass moved by 2, half by 0: W1 = 1, W2 = sqrt(2),
+    which tells W_p from W_p^p and the powers apart (W1 <= W2 always, strictly here)."""
+    a, b = torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, -1.0]])
+    assert wasserstein(a, b, power=1) == pytest.approx(3.0, rel=1e-12)
+    assert wasserstein(a, b, power=2) == pytest.approx(3.0, rel=1e-12)
+    a = torch.tensor([[0.0], [10.0]], dtype=torch.float64)
+    b = torch.tensor([[2.0], [10.0]], dtype=torch.float64)
+    assert wasserstein(a, b, power=1) == pytest.approx(1.0, rel=1e-12)
+    assert wasserstein(a, b, power=2) == pytest.approx(math.sqrt(2.0), rel=1e-12)
+
+
+@pytest.mark.parametrize("power, reg", [(1, 0.1), (2, 0.1), (2, 1.0)])
+def test_wasserstein_sinkhorn_equals_pot_and_torchcfm(power, reg):
+    """The entropic plan's transport cost with an absolute reg, as torchcfm's ``wasserstein(method="sinkhorn")``
+    and POT's sinkhorn2 on the raw costs (both converge to the same plan to POT's tolerance 1e-9); it lies
+    above the exact value, by more for a larger reg."""
+    a, b = two_clouds(seed=7, n0=20, n1=25)
+    value = wasserstein(a, b, "sinkhorn", reg=reg, power=power)
+    assert value == pytest.approx(pot_value(a, b, power, reg=reg), rel=1e-6)
+    assert value == pytest.approx(torchcfm_wasserstein(a, b, "sinkhorn", reg=reg, power=power), rel=1e-6)
+    assert value > wasserstein(a, b, power=power)
+
+
+def test_wasserstein_sinkhorn_is_scale_equivariant_and_tends_to_the_exact_value():
+    """W_p(s a, s b) with reg s^p reg is s W_p(a, b) (the plan depends on C / reg only; the costs are formed
+    on centred, scaled points), and as reg falls the entropic value decreases towards the exact one."""
+    a, b = two_clouds(seed=8, n0=20, n1=25)
+    for power in (1, 2):
+        base = wasserstein(a, b, "sinkhorn", reg=0.1, power=power)
+        scaled = wasserstein(1e3 * a + 1e3, 1e3 * b + 1e3, "sinkhorn", reg=0.1 * 1e3**power, power=power)
+        assert scaled == pytest.approx(1e3 * base, rel=1e-7)
+        exact = wasserstein(a, b, power=power)
+        sharp = wasserstein(a, b, "sinkhorn", reg=0.03, power=power)
+        assert exact < sharp < base
+        assert sharp - exact < (base - exact) / 2
+
+
+def test_wasserstein_sinkhorn_raises_where_the_kernel_underflows():
+    """At reg = 0.01 the squared costs of these points reach 1000 reg and exp(-C / reg) underflows: POT's
+    iterations stop at once (torchcfm then reports about 6e-8 for a W2 near 3.6); here the plan's marginal
+    error is checked and the call raises."""
+    a, b = two_clouds(seed=8, n0=20, n1=25)
+    with pytest.raises(RuntimeError, match="misses its marginals"):
+        wasserstein(a, b, "sinkhorn", reg=0.01, power=2)
+
+
+def test_wasserstein_rejects_bad_arguments():
+    a, b = two_clouds()
+    with pytest.raises(ValueError, match="power must be 1 or 2"):
+        wasserstein(a, b, power=3)
+    with pytest.raises(ValueError, match="method must be"):
+        wasserstein(a, b, method="emd")
+    with pytest.raises(ValueError, match="reg must be a finite number > 0"):
+        wasserstein(a, b, "sinkhorn", reg=0.0)
+    with pytest.raises(ValueError, match="per-sample shape"):
+        wasserstein(a, b[:, :2])
