@@ -174,6 +174,6 @@ def save_figure(fig, path: str | Path, *, title: str | None = None, dpi: int = 1
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight", pad_inches=0.1)  # nothing clipped, even with equal aspect
     plt.close(fig)
     return path

@@ -92,6 +92,7 @@ def cmd_sample(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``ot-cfm`` argument parser: the train, sample and experiment commands with their options."""
     from ot_cfm.data import TOY_DATASETS
     from ot_cfm.image_data import IMAGE_DATASETS
     from ot_cfm.models import ACTIVATIONS
@@ -230,6 +231,7 @@ def _run_experiment(argv: list[str]) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``ot-cfm`` with ``argv`` (the process's arguments when None); returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
     delegated = _run_experiment(argv)
     if delegated is not None:
