@@ -297,7 +297,13 @@ class SinkhornCoupler(Coupler):
             raise ValueError(f"assignment needs equal batch sizes (a permutation), got {x0.shape[0]} and {x1.shape[0]}")
         blocks, unit, _ = self._prepare(x0, x1)
         _, g, *_ = self._run(blocks, unit)
-        return _auction(blocks, -g.double(), self.assign_tol * unit)
+        prices, delta = -g.double(), self.assign_tol * unit
+        resolution = 2**6 * torch.finfo(torch.float64).eps * max(1.0, float(prices.abs().max()))
+        if not delta > resolution:  # a bid that cannot raise a float64 price would never settle
+            raise ValueError(f"assign_tol={self.assign_tol} gives a bid increment {delta:.1e} (in units of the centred, "
+                             f"scaled cost) that float64 prices of size {float(prices.abs().max()):.1e} cannot resolve; "
+                             f"expected an increment above {resolution:.1e}: raise assign_tol")
+        return _auction(blocks, prices, delta)
 
 
 def _auction(blocks: _Blocks, prices: torch.Tensor, delta: float) -> torch.Tensor:

@@ -159,6 +159,8 @@ def test_assignment_terminates_on_ties():
     assert torch.equal(torch.sort(j).values, torch.arange(50))
     one = SinkhornCoupler().assignment(x0[:1], x1[:1])
     assert torch.equal(one, torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match="raise assign_tol"):
+        SinkhornCoupler(assign_tol=1e-17).assignment(x0, x1)
 
 
 def test_sharpness_and_cost_match_the_materialised_plan():
