@@ -33,8 +33,10 @@ __all__ = ["LikelihoodResult", "log_likelihood", "divergence", "draw_probes", "b
            "EXACT_DIVERGENCE_MAX_DIM", "PIXEL_BIN_WIDTH"]
 
 #: ``divergence="auto"`` is exact up to this many dimensions per sample and Hutchinson's above: exact costs
-#: D backward passes per field evaluation, Hutchinson one per probe (with its variance)
-EXACT_DIVERGENCE_MAX_DIM = 16
+#: D backward passes per field evaluation, Hutchinson one per probe (with its variance). Measured with the
+#: default ``MLP(dim)`` at B = 256 on one CPU thread, medians of 15 calls, exact / one-probe Hutchinson:
+#: 1.4x at D = 2, 3.0x at 8, 12x at 16, 34x at 64
+EXACT_DIVERGENCE_MAX_DIM = 8
 #: the distance between adjacent 8-bit levels in [-1, 1] images (x = v / 127.5 - 1, ``ot_cfm.image_data``)
 PIXEL_BIN_WIDTH = 2.0 / 255.0
 _PROBES = ("rademacher", "gaussian")
