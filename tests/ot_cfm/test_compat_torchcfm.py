@@ -82,6 +82,27 @@ def test_exact_plan_equals_pot_and_sampling_with_replacement_equals_torchcfm():
     assert all(torch.equal(p, q) for p, q in zip(a, b))
 
 
+@pytest.mark.parametrize("method, normalize, reg", [("unbalanced", False, 0.5), ("unbalanced", True, 0.5),
+                                                 ("partial", False, 2.0), ("partial", True, 0.5)])
+def test_mass_dropping_plans_equal_torchcfm_up_to_their_mass(method, normalize, reg):
+    torch.manual_seed(0)
+    x0, x1 = torch.randn(40, 2), torch.randn(50, 2)
+    x1[:5] += 4  # outliers
+    kwargs = {"reg": reg, "reg_m": 1.0, "normalize_cost": normalize}
+    theirs = tc_ot.OTPlanSampler(method, **kwargs).get_map(x0, x1)
+    ours = our_ot.OTPlanSampler(method, **kwargs).get_map(x0, x1)
+    assert np.abs(ours - theirs / theirs.sum()).max() < 1e-4 * theirs.max() / theirs.sum()
+    if method == "unbalanced" and not normalize:  # outliers keep less than their share (in absolute cost units;
+        assert ours[:, :5].sum() < 0.5 * 5 / 50     # torchcfm's "partial" moves all the mass)
+
+
+def test_a_plan_that_fails_raises_where_torchcfm_returns_nan():
+    torch.manual_seed(0)
+    x0, x1 = torch.randn(40, 2), torch.randn(50, 2) + 4
+    with pytest.raises(RuntimeError, match="raise epsilon"):
+        our_ot.OTPlanSampler("partial", reg=0.05).get_map(x0, x1)
+
+
 def test_exact_plan_is_used_as_a_permutation_by_default():
     """The deliberate difference: every x0 once, in its order, with its optimal partner; no numpy draw."""
     x0, x1 = torch.randn(80, 3), torch.randn(80, 3)

@@ -1,7 +1,9 @@
 """torchcfm's ``optimal_transport`` module (``OTPlanSampler``, ``wasserstein``) on ot-cfm's couplers.
 
-Plans come from ``ExactOTCoupler`` (certified exact OT) and ``SinkhornCoupler`` (log-domain, absolute epsilon
-= ``reg``), as numpy arrays (B0, B1) summing to 1 like torchcfm's. Sampling from a plan uses numpy's global
+Plans come from ``ExactOTCoupler`` (certified exact OT), ``SinkhornCoupler`` (log-domain, absolute epsilon
+= ``reg``), ``UnbalancedCoupler`` (reg, reg_m) and ``PartialCoupler`` (entropic, all the mass, as torchcfm's
+"partial"), as numpy arrays (B0, B1) summing to 1 (torchcfm's unbalanced plans keep their own mass; only
+the pairs drawn from them count, and those are the same). Sampling from a plan uses numpy's global
 generator, as torchcfm does, so that ``np.random.seed`` reproduces a torchcfm user's run and torch's random
 stream (t, eps) is left untouched; pass ``rng`` (a ``numpy.random.Generator``) to avoid global state.
 
@@ -21,10 +23,11 @@ import torch
 
 from ot_cfm.couplers.exact import ExactOTCoupler
 from ot_cfm.couplers.sinkhorn import SinkhornCoupler
+from ot_cfm.couplers.unbalanced import PartialCoupler, UnbalancedCoupler
 
 __all__ = ["OTPlanSampler", "wasserstein"]
 
-METHODS = ("exact", "sinkhorn")
+METHODS = ("exact", "sinkhorn", "unbalanced", "partial")
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -41,10 +44,11 @@ class OTPlanSampler:
     """Pairs drawn from the OT plan (squared Euclidean cost) between a source and a target minibatch.
 
     Args:
-        method: "exact" (``ExactOTCoupler``) or "sinkhorn" (``SinkhornCoupler`` with epsilon = reg in cost units).
-        reg: entropic regularisation of "sinkhorn".
-        reg_m: torchcfm's marginal relaxation of its "unbalanced" method (accepted, unused by the methods here).
-        normalize_cost: divide the cost by its maximum first (for "sinkhorn": epsilon = reg * max cost).
+        method: "exact" (``ExactOTCoupler``), "sinkhorn" (``SinkhornCoupler``), "unbalanced" (``UnbalancedCoupler``)
+            or "partial" (``PartialCoupler`` with mass 1 and epsilon = reg: POT's entropic partial OT).
+        reg: entropic regularisation of "sinkhorn", "unbalanced" and "partial", in cost units.
+        reg_m: the marginal relaxation of "unbalanced".
+        normalize_cost: divide the cost by its maximum first (epsilon and reg_m read in that unit).
         num_threads: accepted for torchcfm's signature; ot-cfm's exact solvers choose their own.
         warn: accepted for torchcfm's signature; a non-finite plan raises instead of warning.
         rng: a ``numpy.random.Generator`` for the draws (numpy's global generator when None).
@@ -54,14 +58,19 @@ class OTPlanSampler:
                  num_threads: Union[int, str] = 1, warn: bool = True, rng: Optional[np.random.Generator] = None):
         if method not in METHODS:
             raise ValueError(f"Unknown method: {method!r}; expected one of {METHODS}")
-        if method == "sinkhorn" and not (math.isfinite(reg) and reg > 0):
-            raise ValueError(f"reg must be finite and > 0 for method='sinkhorn', got {reg}")
+        if method != "exact" and not (math.isfinite(reg) and reg > 0):
+            raise ValueError(f"reg must be finite and > 0 for method={method!r}, got {reg}")
         self.method, self.reg, self.reg_m = method, reg, reg_m
         self.normalize_cost, self.num_threads, self.warn, self.rng = normalize_cost, num_threads, warn, rng
 
     def _coupler(self, x0: torch.Tensor, x1: torch.Tensor):
         if self.method == "exact":
             return ExactOTCoupler()
+        unit = "max" if self.normalize_cost else None
+        if self.method == "unbalanced":
+            return UnbalancedCoupler(epsilon=self.reg, reg_m=self.reg_m, normalize=unit)
+        if self.method == "partial":
+            return PartialCoupler(mass=1.0, epsilon=self.reg, normalize=unit)
         epsilon = self.reg
         if self.normalize_cost:
             epsilon *= float(torch.cdist(x0.double(), x1.double()).max() ** 2)
