@@ -346,3 +346,38 @@ def test_gaussian_start_fills_the_cells_of_an_anisotropic_support():
     _, tv_gaussian = cell_masses(DiscreteBrenierPotential(y, w, semidiscrete._gaussian_start(y, w)), 2 ** 16, generator=0)
     _, tv_isotropic = cell_masses(DiscreteBrenierPotential(y, w, isotropic - isotropic.mean()), 2 ** 16, generator=0)
     assert tv_gaussian < 0.25 < 0.6 < tv_isotropic, (tv_gaussian, tv_isotropic)  # measured: 0.22 and 0.73
+
+
+def test_an_empty_cell_no_longer_freezes_the_newton_step():
+    """The digits stall: an empty cell (no curvature, soft mass 0) asked for a damping-limited move of
+    (w_j - m_j) / (0.05 w_j / eps) = 20 eps; the whole step was scaled to 2 eps by it, so the other cells moved
+    a tenth of their Newton step and eps never halved. Now the empty cell takes Sinkhorn's move, clamped to
+    -2 eps, and the others their full Newton step given it."""
+    eps, damping = 0.5, semidiscrete._FLOOR
+    w = torch.tensor([0.3, 0.3, 0.2, 0.1, 0.1], dtype=torch.float64)
+    edges = torch.tensor([[0, 1, 0.4], [1, 2, 0.3], [2, 3, 0.2], [0, 3, 0.1]], dtype=torch.float64)
+    hessian = torch.zeros(5, 5, dtype=torch.float64)
+    for i, j, weight in edges.tolist():  # a graph Laplacian on cells 0..3; cell 4 has no neighbour
+        i, j = int(i), int(j)
+        hessian[i, j] = hessian[j, i] = -weight / eps
+        hessian[i, i] += weight / eps
+        hessian[j, j] += weight / eps
+    masses = torch.tensor([0.33, 0.31, 0.24, 0.12, 0.0], dtype=torch.float64)  # cell 4 empty
+    residual = masses - w
+    # the old rule: one damped Newton solve for all cells, scaled by its largest move
+    old = torch.linalg.solve(hessian + torch.diag(damping * w / eps), residual)
+    assert float(old[4]) == pytest.approx(-20 * eps, rel=1e-12)  # the empty cell: 20 eps, 10x the bound 2 eps
+    assert float((old - old.mean()).abs().max()) > 4 * semidiscrete._TRUST * eps
+    delta, unscaled = semidiscrete._newton_step(hessian, masses, w, eps, damping, entropic=True)
+    assert unscaled
+    bulk = torch.linalg.solve(hessian[:4, :4] + torch.diag(damping * w[:4] / eps), residual[:4])
+    expected = torch.cat([bulk, torch.tensor([-semidiscrete._TRUST * eps], dtype=torch.float64)])
+    torch.testing.assert_close(delta, expected - expected.mean(), rtol=1e-12, atol=1e-12)
+    # a cell at 1/e of its weight moves eps log(1/e) = -eps, the Sinkhorn update
+    masses[4] = 0.1 / math.e
+    delta, _ = semidiscrete._newton_step(hessian, masses, w, eps, damping, entropic=True)
+    expected = torch.cat([bulk, torch.tensor([-eps], dtype=torch.float64)])
+    torch.testing.assert_close(delta, expected - expected.mean(), rtol=1e-12, atol=1e-12)
+    # the hard stage keeps every cell in the damped Newton solve, scaled to the bound
+    hard, unscaled = semidiscrete._newton_step(hessian, masses, w, eps, damping, entropic=False)
+    assert not unscaled and float(hard.abs().max()) == pytest.approx(semidiscrete._TRUST * eps)
