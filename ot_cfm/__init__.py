@@ -4,10 +4,20 @@ Data flow: a coupler re-pairs noise x0 with data x1; the matcher draws t and bui
 u_t; the Trainer fits a model v(t, x); ``sample`` integrates v from noise to data (torchdyn).
 """
 
-from ot_cfm import data, image_data, image_metrics, metrics, paths, sde
-from ot_cfm.couplers import ClassConditionalCoupler, Coupler, ExactOTCoupler, IndependentCoupler, SemidiscreteCoupler, SinkhornCoupler
+from ot_cfm import data, image_data, image_metrics, likelihood, metrics, paths, sde
+from ot_cfm.couplers import (
+    ClassConditionalCoupler,
+    Coupler,
+    ExactOTCoupler,
+    IndependentCoupler,
+    PartialCoupler,
+    SemidiscreteCoupler,
+    SinkhornCoupler,
+    UnbalancedCoupler,
+)
 from ot_cfm.evaluation import SampleQuality, evaluate_samples
 from ot_cfm.image_data import ImageDataset, load_image_dataset
+from ot_cfm.likelihood import LikelihoodResult, bits_per_dim, log_likelihood
 from ot_cfm.matcher import (
     ConditionalFlowMatcher,
     FlowSample,
@@ -27,11 +37,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Coupler", "ExactOTCoupler", "SinkhornCoupler", "IndependentCoupler", "SemidiscreteCoupler",
-    "ClassConditionalCoupler", "ConditionalFlowMatcher", "OTConditionalFlowMatcher", "FlowSample", "LossTerms",
+    "ClassConditionalCoupler", "UnbalancedCoupler", "PartialCoupler",
+    "ConditionalFlowMatcher", "OTConditionalFlowMatcher", "FlowSample", "LossTerms",
     "TargetConditionalFlowMatcher", "VariancePreservingConditionalFlowMatcher", "SchrodingerBridgeConditionalFlowMatcher",
     "ProbabilityPath", "StraightPath", "BrownianBridgePath", "TargetPath", "VariancePreservingPath",
     "MLP", "UNet", "FlowAndScore", "unet_for", "guided_field", "is_conditional", "has_score",
-    "sample", "SampleResult", "IntegrationError", "sample_sde", "Trainer", "TrainConfig", "TrainResult",
+    "sample", "SampleResult", "IntegrationError", "sample_sde",
+    "log_likelihood", "LikelihoodResult", "bits_per_dim",
+    "Trainer", "TrainConfig", "TrainResult",
     "SampleQuality", "evaluate_samples", "ImageDataset", "load_image_dataset",
-    "data", "image_data", "image_metrics", "metrics", "paths", "sde",
+    "data", "image_data", "image_metrics", "likelihood", "metrics", "paths", "sde",
 ]

@@ -14,7 +14,7 @@ PROMISED = {
 MODULES = ["ot_cfm", "ot_cfm.couplers", "ot_cfm.matcher", "ot_cfm.sampling", "ot_cfm.trainer", "ot_cfm.metrics",
            "ot_cfm.data", "ot_cfm.models", "ot_cfm.evaluation", "ot_cfm.validation", "ot_cfm.plotting",
            "ot_cfm.image_data", "ot_cfm.image_metrics", "ot_cfm.checkpoint", "ot_cfm.run_folder", "ot_cfm.parallelism",
-           "ot_cfm.atomic", "ot_cfm.batches", "ot_cfm.paths", "ot_cfm.sde", "ot_cfm.distributed",
+           "ot_cfm.atomic", "ot_cfm.batches", "ot_cfm.paths", "ot_cfm.sde", "ot_cfm.distributed", "ot_cfm.likelihood",
            "ot_cfm.compat.torchcfm", "ot_cfm.compat.torchcfm.conditional_flow_matching",
            "ot_cfm.compat.torchcfm.optimal_transport", "ot_cfm.compat.torchcfm.models", "ot_cfm.compat.torchcfm.utils",
            "proximal", "manifold_tests", "manifold_tests.experiment", "ot_cfm_experiments.batch_size"]
