@@ -1,27 +1,13 @@
 """Quick modes of examples/digits.py and examples/cifar10.py: they finish, write what they say, their outputs
 parse, and the numbers in them have the properties the full runs rest on."""
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import torch
+from example_scripts import load_script
 
 from ot_cfm.models import unet_for
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_script(relative: str):
-    """Import a script of the repository by path (examples/ is not a package)."""
-    path = ROOT / relative
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_digits_quick(tmp_path):

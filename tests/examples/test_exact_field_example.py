@@ -1,25 +1,11 @@
 """Quick mode of examples/exact_field.py: it runs, writes its figures and table, the exact field
 integrated with Euler lands on T(x0), and the learned fields' errors have the expected sizes."""
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_script(relative: str):
-    """Import a script of the repository by path (examples/ is not a package)."""
-    path = ROOT / relative
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from example_scripts import load_script
 
 
 @pytest.fixture(scope="module")

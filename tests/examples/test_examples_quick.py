@@ -1,26 +1,13 @@
 """Quick modes of the toy-training benchmark and of the toy and image examples: they run, write their
 outputs, and their numbers have the properties the full runs are about."""
 
-import importlib.util
 import json
 import math
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_script(relative: str):
-    """Import a script of the repository by path (benchmarks/ and examples/ are not packages)."""
-    path = ROOT / relative
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from example_scripts import ROOT, load_script
 
 
 def test_toy_training_benchmark_quick(tmp_path):

@@ -1,25 +1,11 @@
 """The quick mode of examples/sb_cfm_sigma.py: it runs, and its coupling study shows SB-CFM's plan
 approaching exact OT as sigma falls."""
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_script(relative: str):
-    """Import a script of the repository by path (examples/ is not a package)."""
-    path = ROOT / relative
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from example_scripts import load_script
 
 
 @pytest.mark.slow
