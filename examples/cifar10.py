@@ -32,11 +32,11 @@ from torch import nn
 
 from ot_cfm.atomic import atomic_write
 from ot_cfm.batches import overlap_mode
-from ot_cfm.cli.images import _sample_images
 from ot_cfm.couplers.exact import ExactOTCoupler
 from ot_cfm.couplers.independent import IndependentCoupler
 from ot_cfm.data import gaussian_sampler
 from ot_cfm.image_data import CIFAR10_CLASSES, ImageDataset, load_image_dataset
+from ot_cfm.image_sampling import sample_images
 from ot_cfm.matcher import ConditionalFlowMatcher
 from ot_cfm.models import UNET_PRESETS, unet_for
 from ot_cfm.plotting import plot_image_grid
@@ -155,7 +155,7 @@ def train(args, data: ImageDataset) -> dict:
     model = trainer.sampling_model.eval()
     x0 = torch.randn((args.grid_images, *SHAPE), generator=torch.Generator().manual_seed(args.seed + 20_000))
     with torch.no_grad():
-        images, nfe = _sample_images(model, x0, None, 1.0, solver="euler", steps=8)
+        images, nfe = sample_images(model, x0, None, 1.0, solver="euler", steps=8)
     figure = plot_image_grid(args.out / "cifar10_samples.png", images, columns=8,
                              title=f"{describe(data)}: {args.coupler} coupler, step {result.step}, Euler NFE {nfe:g}")
     return {"step": result.step, "loss": result.loss, "seconds": result.seconds,

@@ -16,7 +16,7 @@ about 60 times as long per step on a CPU) and draws the same noise, data and t. 
 against the held-out images, at Euler NFE 1, 2, 4, 8 and dopri5: the Fréchet distance in the feature space of
 the package's classifier, pixel W2, mode coverage (entropy of the classifier's label histogram over log 10,
 share of the least frequent class) and, for conditional variants, the share classified as the class asked
-for (``ot_cfm.cli.images._evaluate_images``, as ``ot-cfm train --dataset digits`` reports them). Mean ± sample
+for (``ot_cfm.image_sampling.evaluate_image_model``, as ``ot-cfm train --dataset digits`` reports them). Mean ± sample
 standard deviation over seeds.
 
 Memorisation: the exact OT-CFM field of the training images (``proximal``'s discrete Brenier potential, fitted
@@ -49,13 +49,13 @@ from torchcfm.conditional_flow_matching import ConditionalFlowMatcher as Torchcf
 from torchcfm.conditional_flow_matching import ExactOptimalTransportConditionalFlowMatcher
 
 from ot_cfm.atomic import atomic_write
-from ot_cfm.cli.images import IMAGE_EULER_NFES, _evaluate_images, _sample_images, _write_grid
 from ot_cfm.couplers.conditional import ClassConditionalCoupler
 from ot_cfm.couplers.exact import ExactOTCoupler
 from ot_cfm.couplers.independent import IndependentCoupler
 from ot_cfm.data import gaussian_sampler
 from ot_cfm.image_data import ImageDataset, load_image_dataset
 from ot_cfm.image_metrics import ClassifierConfig, classifier_accuracy, evaluate_images, load_or_train_classifier, memorisation_distances
+from ot_cfm.image_sampling import IMAGE_EULER_NFES, evaluate_image_model, sample_images, write_sample_grid
 from ot_cfm.matcher import ConditionalFlowMatcher
 from ot_cfm.metrics import wasserstein2
 from ot_cfm.models import MLP
@@ -275,7 +275,7 @@ def memorisation(model: nn.Module, data: ImageDataset, args, seed: int, out: Pat
     exact = sample(ExactVelocityField(potential), x0.reshape(x0.shape[0], -1).double(), solver="euler",
                    steps=exact_nfe).x.reshape(x0.shape).float()
     with torch.no_grad():
-        learned, _ = _sample_images(model, x0, None, 1.0, solver="dopri5", steps=None, max_nfe=1000)
+        learned, _ = sample_images(model, x0, None, 1.0, solver="dopri5", steps=None, max_nfe=1000)
     found = {name: memorisation_distances(images, train) for name, images in (("learned", learned), ("exact", exact))}
     figure = plot_memorisation(out / "digits_memorisation.png", learned, exact, train, found,
                                f"Memorisation: OT-CFM (seed {seed}, {args.steps} steps) against the exact field of the "
@@ -383,7 +383,7 @@ def _run(argv) -> dict:
             cpu_tick = time.process_time()
             model, train_seconds = train(variant, data, args, seed)
             train_cpu, tick = time.process_time() - cpu_tick, time.perf_counter()
-            _, rows = _evaluate_images(model, data, classifier, n=args.eval_samples, conditional=variant.conditional,
+            _, rows = evaluate_image_model(model, data, classifier, n=args.eval_samples, conditional=variant.conditional,
                                        guidance=args.guidance, seed=seed)
             runs.append({"variant": variant.name, "seed": seed, "rows": rows, "train_seconds": train_seconds,
                          "train_cpu_seconds": train_cpu, "eval_seconds": time.perf_counter() - tick})
@@ -391,7 +391,7 @@ def _run(argv) -> dict:
             print(f"seed {seed}, {variant.name}: trained in {train_seconds:.1f} s; Fréchet distance {fd}", flush=True)
             if seed == args.seeds[0] and variant.conditional:
                 name = variant.name.split(",")[0].lower()
-                figures.append(_write_grid(args.out / f"digits_grid_{name}.png", model, data.shape, data.num_classes,
+                figures.append(write_sample_grid(args.out / f"digits_grid_{name}.png", model, data.shape, data.num_classes,
                                            data.class_names, args.guidance, seed,
                                            f"digits, {variant.name} (seed {seed}, {args.steps} steps)"))
             if seed == args.seeds[0] and variant.pairing == "exact" and not variant.conditional:

@@ -10,7 +10,7 @@ import torch
 from ot_cfm.metrics import normalized_path_energy, wasserstein2
 from ot_cfm.sampling import sample
 
-__all__ = ["SampleQuality", "evaluate_samples"]
+__all__ = ["SampleQuality", "evaluate_samples", "model_device"]
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def evaluate_samples(model, source, target, *, n: int = 2000, euler_nfes=(1, 2, 
     device); the flow is integrated on ``device`` (default: the device of ``model``'s parameters, the CPU for
     a model without any, e.g. a guided-field closure), and the metrics and returned tensors are on the CPU.
     """
-    device = _device_of(model) if device is None else torch.device(device)
+    device = model_device(model) if device is None else torch.device(device)
     x0, x1 = source(n, generator).cpu(), target(n, generator).cpu()
     floor = wasserstein2(x1, target(n, generator).cpu())
     w2, nfe, npe, tensors = {}, {}, float("nan"), {"source": x0, "target": x1}
@@ -68,7 +68,8 @@ def evaluate_samples(model, source, target, *, n: int = 2000, euler_nfes=(1, 2, 
     return SampleQuality(w2=w2, nfe=nfe, npe=npe, w2_floor=floor), tensors
 
 
-def _device_of(model) -> torch.device:
+def model_device(model) -> torch.device:
+    """The device of a module's parameters; the CPU for a callable without any (e.g. a guided-field closure)."""
     parameters = getattr(model, "parameters", None)
     first = next(iter(parameters()), None) if callable(parameters) else None
     return torch.device("cpu") if first is None else first.device

@@ -9,105 +9,16 @@ from pathlib import Path
 import torch
 
 from ot_cfm.atomic import atomic_write
-from ot_cfm.cli.common import METRICS_JSON, TOY_DEFAULTS, _conditioning, _finished_earlier, _json_value, _make_coupler, _model_device
+from ot_cfm.cli.common import METRICS_JSON, TOY_DEFAULTS, _conditioning, _finished_earlier, _json_value, _make_coupler
+from ot_cfm.image_sampling import EVAL_CHUNK, GRID_COLUMNS, GRID_NFE, evaluate_image_model, sample_images, write_sample_grid
 from ot_cfm.parallelism import auto_threads, torch_threads
 from ot_cfm.run_folder import claim_run_folder
 
-IMAGE_EULER_NFES = (1, 2, 4, 8)
-GRID_COLUMNS = 8          # images per row of a sample grid; unconditional grids are 8 x 8
-GRID_NFE = 8              # Euler steps of the sample grids (fixed, so frames of one run are comparable)
 GRIDS_FOLDER = "grids"    # grids during training: grids/step_XXXXXX.png
 IMAGE_EMA_DECAY = 0.999   # --ema-decay of image runs when not given
-EVAL_CHUNK = 500          # images sampled per model call during evaluation and sampling
-PIXEL_W2_POINTS = 1000    # pixel W2: at most this many generated and held-out images
 FID_SKIPPED = ("FID in Inception features skipped: no --inception-weights given. Give torch-fidelity's InceptionV3 "
                "FID weights (weights-inception-2015-12-05-6726825d.pth, a local file: nothing is downloaded) with "
                "--inception-weights PATH; needs pip install torch-fidelity")
-
-
-def _image_field(model, labels: torch.Tensor | None, guidance: float):
-    """The field to integrate: the model, or for labels its classifier-free guided field."""
-    from ot_cfm.models import guided_field
-
-    return model if labels is None else guided_field(model, labels, guidance)
-
-
-def _sample_images(model, x0: torch.Tensor, labels: torch.Tensor | None, guidance: float, *, solver: str,
-                   steps: int | None, **options):
-    """Integrate x0 (N, C, H, W) in chunks of ``EVAL_CHUNK`` on the model's device; returns (images on the CPU,
-    NFE). For an adaptive solver the NFE is the mean over the chunks (each chunk takes its own steps)."""
-    from ot_cfm.sampling import sample
-
-    device = _model_device(model)
-    images, nfes = [], []
-    for start in range(0, x0.shape[0], EVAL_CHUNK):
-        chunk = slice(start, start + EVAL_CHUNK)
-        field = _image_field(model, None if labels is None else labels[chunk].to(device), guidance)
-        out = sample(field, x0[chunk].to(device), solver=solver, steps=steps, **options)
-        images.append(out.x.cpu())
-        nfes.append(out.nfe)
-    return torch.cat(images), sum(nfes) / len(nfes)
-
-
-def _grid_noise(shape: tuple, num_classes: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The fixed noise of a run's sample grids (and, when conditional, the labels: one row per class)."""
-    rows = GRID_COLUMNS if num_classes is None else num_classes
-    x0 = torch.randn((rows * GRID_COLUMNS, *shape), generator=torch.Generator().manual_seed(seed + 20_000))
-    labels = None if num_classes is None else torch.arange(num_classes).repeat_interleave(GRID_COLUMNS)
-    return x0, labels
-
-
-def _write_grid(path: Path, model, shape: tuple, num_classes: int | None, class_names, guidance: float, seed: int,
-                title: str) -> Path:
-    """Sample the run's grid noise with Euler (``GRID_NFE`` steps) and save it as a PNG, one row per class when
-    conditional."""
-    from ot_cfm.plotting import plot_image_grid
-
-    x0, labels = _grid_noise(shape, num_classes, seed)
-    with torch.no_grad():
-        images, nfe = _sample_images(model, x0, labels, guidance, solver="euler", steps=GRID_NFE)
-    rows = None if num_classes is None else [class_names[k] for k in range(num_classes)]
-    suffix = "" if num_classes is None else f", guidance {guidance:g}, one row per class"
-    return plot_image_grid(path, images, columns=GRID_COLUMNS, row_labels=rows,
-                           title=f"{title}, Euler NFE {nfe:g}{suffix}")
-
-
-def _evaluate_images(model, data, classifier, *, n: int, conditional: bool, guidance: float, seed: int,
-                     adaptive: bool = True, euler_nfes=IMAGE_EULER_NFES,
-                     inception_weights: str | None = None) -> tuple[dict, list[dict]]:
-    """Image metrics of ``model`` at each solver setting, on fixed noise (``seed``) against the held-out images.
-
-    Returns (metrics keyed "<metric>/<solver>", table rows). Conditional samples request the labels
-    arange(K) repeated, and their classifier accuracy is reported. With ``inception_weights`` the FID in
-    InceptionV3 features is added ("fid/<solver>").
-    """
-    from ot_cfm import image_metrics
-    from ot_cfm.image_metrics import evaluate_images
-    from ot_cfm.metrics import wasserstein2
-    from ot_cfm.sampling import IntegrationError
-
-    x0 = torch.randn((n, *data.shape), generator=torch.Generator().manual_seed(seed + 10_000))
-    labels = torch.arange(n) % data.num_classes if conditional else None
-    held_out = data.held_out_images
-    metrics, rows = {}, []
-    settings = [(f"euler-{k}", "euler", k) for k in euler_nfes] + ([("dopri5", "dopri5", None)] if adaptive else [])
-    for name, solver, steps in settings:
-        options = {"max_nfe": 1000} if steps is None else {}
-        try:
-            with torch.no_grad():
-                images, nfe = _sample_images(model, x0, labels, guidance, solver=solver, steps=steps, **options)
-        except IntegrationError as err:  # an undertrained field can stiffen the adaptive solver: say so, go on
-            print(f"{name}: no samples ({err}); its metrics are null")
-            metrics.update({f"frechet_distance/{name}": None, f"nfe/{name}": None})
-            continue
-        quality = evaluate_images(images, held_out, classifier, requested_labels=labels)
-        w2 = wasserstein2(images[:PIXEL_W2_POINTS], held_out[:PIXEL_W2_POINTS])
-        row = {"nfe": float(nfe), "w2": w2, **quality.as_dict()}
-        if inception_weights is not None:
-            row["fid"] = image_metrics.inception_fid(images, held_out, inception_weights=inception_weights).value
-        metrics.update({f"{k}/{name}": v for k, v in row.items()})
-        rows.append({"solver": name, **row})
-    return metrics, rows
 
 
 def _image_table(rows: list[dict]) -> str:
@@ -171,9 +82,9 @@ def _train_images(args) -> int:
 
     def grid_during_training(sampling_model, step: int) -> dict:
         """Every --eval-every steps: the grid, and the image metrics at Euler NFE ``GRID_NFE`` for the log."""
-        _write_grid(out / GRIDS_FOLDER / f"step_{step:06d}.png", sampling_model, data.shape, num_classes,
+        write_sample_grid(out / GRIDS_FOLDER / f"step_{step:06d}.png", sampling_model, data.shape, num_classes,
                     data.class_names, guidance, args.seed, f"{run}, step {step}")
-        quality, _ = _evaluate_images(sampling_model, data, classifier, n=args.eval_samples,
+        quality, _ = evaluate_image_model(sampling_model, data, classifier, n=args.eval_samples,
                                       conditional=args.conditional, guidance=guidance, seed=args.seed,
                                       adaptive=False, euler_nfes=(GRID_NFE,))
         return quality
@@ -187,10 +98,10 @@ def _train_images(args) -> int:
         sampling_model = trainer.sampling_model.eval()
         threads = args.threads or auto_threads(sampling_model, min(args.eval_samples, EVAL_CHUNK), workers=0)
         with torch_threads(threads):
-            quality, rows = _evaluate_images(sampling_model, data, classifier, n=args.eval_samples,
+            quality, rows = evaluate_image_model(sampling_model, data, classifier, n=args.eval_samples,
                                              conditional=args.conditional, guidance=guidance, seed=args.seed,
                                              inception_weights=args.inception_weights)
-            figure = _write_grid(out / "samples.png", sampling_model, data.shape, num_classes, data.class_names,
+            figure = write_sample_grid(out / "samples.png", sampling_model, data.shape, num_classes, data.class_names,
                                  guidance, args.seed, f"{run}, step {result.step}")
         metrics = {"dataset": data.name, "shape": list(data.shape), "model": model.config["kind"],
                    "conditional": args.conditional, "coupler": args.coupler, "steps": result.step,
@@ -234,7 +145,7 @@ def _sample_image_checkpoint(args, model, meta: dict) -> int:
     labels = torch.arange(args.n) % meta["num_classes"] if conditional else None
     steps = None if args.solver in ("dopri5", "tsit5") else args.steps
     with torch.no_grad():
-        images, nfe = _sample_images(model, x0, labels, guidance, solver=args.solver, steps=steps,
+        images, nfe = sample_images(model, x0, labels, guidance, solver=args.solver, steps=steps,
                                      **({"max_nfe": args.max_nfe} if steps is None else {}))
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
