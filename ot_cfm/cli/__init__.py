@@ -58,9 +58,6 @@ def cmd_train(args) -> int:
     if array_only:
         raise ValueError(f"only --data runs take {', '.join(array_only)}: add --data FILE or drop them")
     if args.dataset is not None:
-        if args.coupling_mode != "global":
-            raise ValueError("--coupling-mode local is not available for image runs yet (they couple the global "
-                             "batch); drop it")
         return _train_images(args)
     image_only = _image_only_options(args)
     if image_only:

@@ -9,7 +9,15 @@ from pathlib import Path
 import torch
 
 from ot_cfm.atomic import atomic_write
-from ot_cfm.cli.common import METRICS_JSON, TOY_DEFAULTS, _conditioning, _finished_earlier, _json_value, _make_coupler
+from ot_cfm.cli.common import (
+    METRICS_JSON,
+    TOY_DEFAULTS,
+    _conditioning,
+    _finished_earlier,
+    _json_value,
+    _make_coupler,
+    _trained_on_other_rank,
+)
 from ot_cfm.image_sampling import EVAL_CHUNK, GRID_COLUMNS, GRID_NFE, evaluate_image_model, sample_images, write_sample_grid
 from ot_cfm.parallelism import auto_threads, torch_threads
 from ot_cfm.run_folder import claim_run_folder
@@ -72,25 +80,27 @@ def _train_images(args) -> int:
                          schedule=args.schedule, grad_clip=args.grad_clip, ema_decay=ema_decay, seed=args.seed,
                          eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, out_dir=str(out),
                          progress=not args.no_progress, workers=args.workers, threads=args.threads,
-                         label_dropout=label_dropout, precision=args.precision)
+                         label_dropout=label_dropout, precision=args.precision, coupling_mode=args.coupling_mode)
     meta = {"model": model.config, "dataset": data.name, "shape": list(data.shape), "conditional": args.conditional,
             "num_classes": data.num_classes, "class_names": list(data.class_names), "coupler": args.coupler}
-    classifier_config = ClassifierConfig(**({} if args.classifier_steps is None else {"steps": args.classifier_steps}))
-    classifier = load_or_train_classifier(data.train_images, data.train_labels, num_classes=data.num_classes,
-                                          config=classifier_config)
     run = f"{out.name}: {data.name}, {'conditional, ' if args.conditional else ''}{args.coupler} coupler"
 
     def grid_during_training(sampling_model, step: int) -> dict:
         """Every --eval-every steps: the grid, and the image metrics at Euler NFE ``GRID_NFE`` for the log."""
         write_sample_grid(out / GRIDS_FOLDER / f"step_{step:06d}.png", sampling_model, data.shape, num_classes,
-                    data.class_names, guidance, args.seed, f"{run}, step {step}")
+                          data.class_names, guidance, args.seed, f"{run}, step {step}")
         quality, _ = evaluate_image_model(sampling_model, data, classifier, n=args.eval_samples,
-                                      conditional=args.conditional, guidance=guidance, seed=args.seed,
-                                      adaptive=False, euler_nfes=(GRID_NFE,))
+                                          conditional=args.conditional, guidance=guidance, seed=args.seed,
+                                          adaptive=False, euler_nfes=(GRID_NFE,))
         return quality
 
     trainer = Trainer(model, matcher, gaussian_sampler(data.shape), data.train_sampler(labelled=args.conditional),
                       config, evaluate=grid_during_training if args.eval_every else None, metadata=meta)
+    if _trained_on_other_rank(trainer, args):  # data-parallel: rank 0 alone evaluates and writes
+        return 0
+    classifier_config = ClassifierConfig(**({} if args.classifier_steps is None else {"steps": args.classifier_steps}))
+    classifier = load_or_train_classifier(data.train_images, data.train_labels, num_classes=data.num_classes,
+                                          config=classifier_config)
     with claim_run_folder(out, outputs=(METRICS_JSON,)):
         result = trainer.fit(resume=args.resume, overwrite=args.overwrite)
         if _finished_earlier(result, out, args.steps):
@@ -99,10 +109,10 @@ def _train_images(args) -> int:
         threads = args.threads or auto_threads(sampling_model, min(args.eval_samples, EVAL_CHUNK), workers=0)
         with torch_threads(threads):
             quality, rows = evaluate_image_model(sampling_model, data, classifier, n=args.eval_samples,
-                                             conditional=args.conditional, guidance=guidance, seed=args.seed,
-                                             inception_weights=args.inception_weights)
+                                                 conditional=args.conditional, guidance=guidance, seed=args.seed,
+                                                 inception_weights=args.inception_weights)
             figure = write_sample_grid(out / "samples.png", sampling_model, data.shape, num_classes, data.class_names,
-                                 guidance, args.seed, f"{run}, step {result.step}")
+                                       guidance, args.seed, f"{run}, step {result.step}")
         metrics = {"dataset": data.name, "shape": list(data.shape), "model": model.config["kind"],
                    "conditional": args.conditional, "coupler": args.coupler, "steps": result.step,
                    "batch_size": args.batch_size, "final_loss": result.loss, "steps_this_call": result.steps_trained,
