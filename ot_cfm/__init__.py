@@ -15,6 +15,7 @@ from ot_cfm.couplers import (
     SinkhornCoupler,
     UnbalancedCoupler,
 )
+from ot_cfm.distributed import COUPLING_MODES, DistributedContext, init_from_env
 from ot_cfm.evaluation import SampleQuality, evaluate_samples
 from ot_cfm.image_data import ImageDataset, load_image_dataset
 from ot_cfm.likelihood import LikelihoodResult, bits_per_dim, log_likelihood
@@ -44,7 +45,7 @@ __all__ = [
     "MLP", "UNet", "FlowAndScore", "unet_for", "guided_field", "is_conditional", "has_score",
     "sample", "SampleResult", "IntegrationError", "sample_sde",
     "log_likelihood", "LikelihoodResult", "bits_per_dim",
-    "Trainer", "TrainConfig", "TrainResult",
+    "Trainer", "TrainConfig", "TrainResult", "COUPLING_MODES", "DistributedContext", "init_from_env",
     "SampleQuality", "evaluate_samples", "ImageDataset", "load_image_dataset",
     "data", "image_data", "image_metrics", "likelihood", "metrics", "paths", "sde",
 ]
