@@ -71,6 +71,10 @@ class FlowSample:
     y0: torch.Tensor | None = None
     y1: torch.Tensor | None = None
 
+    def select(self, rows) -> FlowSample:
+        """The batch restricted to ``rows`` (a slice or an index tensor) of every tensor."""
+        return FlowSample(**{k: None if v is None else v[rows] for k, v in vars(self).items()})
+
 
 @dataclass(frozen=True)
 class LossTerms:
@@ -216,19 +220,26 @@ class ConditionalFlowMatcher:
         if not 0.0 <= label_dropout <= 1.0 or (label_dropout > 0 and not conditional):
             raise ValueError(f"label_dropout must lie in [0, 1] and needs a class-conditional model, got "
                              f"{label_dropout} with {'a conditional' if conditional else 'an unconditional'} model")
-        if scored and not self.path.has_score:
-            raise ValueError(f"the model has a score head but the path {self.path!r} has no noise: score matching "
-                             "needs sigma > 0 (e.g. SchrodingerBridgeConditionalFlowMatcher(sigma=1.0))")
+        self.check_score_head(model)
         s = self.sample(x0, x1, y1=y1, generator=generator, coupled=coupled)
         args = (s.t, s.x_t) if not conditional else (s.t, s.x_t, drop_labels(s.y1, label_dropout, model.null_label,
                                                                               generator))
-        v = model(*args)
+        return self.regression_terms(s, model(*args), model.score(*args) if scored else None)
+
+    def check_score_head(self, model) -> None:
+        """ValueError when ``model`` has a score head (``has_score``) but the path has no noise to score."""
+        if has_score(model) and not self.path.has_score:
+            raise ValueError(f"the model has a score head but the path {self.path!r} has no noise: score matching "
+                             "needs sigma > 0 (e.g. SchrodingerBridgeConditionalFlowMatcher(sigma=1.0))")
+
+    def regression_terms(self, s: FlowSample, v: torch.Tensor, score: torch.Tensor | None = None) -> LossTerms:
+        """The loss terms of a model's outputs at (s.t, s.x_t): flow = mean |v - u_t|^2 (v of x_t's shape) and, given
+        the score head's output, score = mean |sigma_t score + eps|^2."""
         if v.shape != s.u_t.shape:
             raise ValueError(f"model returned shape {tuple(v.shape)}, expected {tuple(s.u_t.shape)} (the shape of x_t)")
         flow = torch.mean((v - s.u_t) ** 2)
-        if not scored:
+        if score is None:
             return LossTerms(flow)
-        score = model.score(*args)
         if score.shape != s.x_t.shape:
             raise ValueError(f"model.score returned shape {tuple(score.shape)}, expected {tuple(s.x_t.shape)} "
                              "(the shape of x_t)")

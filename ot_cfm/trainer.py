@@ -54,11 +54,10 @@ from ot_cfm.distributed import (
     per_rank_batch,
     run_agreed,
 )
-from ot_cfm.matcher import ConditionalFlowMatcher, LossTerms
+from ot_cfm.matcher import ConditionalFlowMatcher
 from ot_cfm.models import drop_labels, has_score, is_conditional
 from ot_cfm.parallelism import auto_threads, auto_workers, available_cores, torch_threads
 from ot_cfm.run_folder import claim_run_folder
-from ot_cfm.validation import expand_like
 
 __all__ = ["TrainConfig", "TrainResult", "Trainer", "CHECKPOINT_NAME", "METRICS_NAME", "PRECISIONS",
            "check_precision"]
@@ -347,30 +346,21 @@ class Trainer:
         single process's, and with equal shares DDP's mean of the ranks' gradients is the gradient of the
         global mean loss. A model with a score head adds the score term mean |sigma_t s(t, x_t) + eps|^2 of
         ``ConditionalFlowMatcher.loss_terms``."""
-        scored = has_score(self.model)
-        if scored and not self.matcher.path.has_score:
-            raise ValueError(f"the model has a score head but the path {self.matcher.path!r} has no noise: score "
-                             "matching needs sigma > 0")
+        self.matcher.check_score_head(self.model)
         rows, batch_size = self.distributed.rows(self.config.batch_size), self.config.batch_size
         full_x0 = x0.new_zeros((batch_size, *x0.shape[1:]))
         full_x1 = x1.new_zeros((batch_size, *x1.shape[1:]))
         full_x0[rows], full_x1[rows] = x0, x1
         s = self.matcher.sample(full_x0, full_x1, generator=self.generator, coupled=True)
-        t, x_t, u_t = s.t[rows], s.x_t[rows], s.u_t[rows]
+        mine = s.select(rows)
         if self.conditional:
             full_y1 = y1.new_zeros(batch_size)
             full_y1[rows] = y1
             y = drop_labels(full_y1, self.config.label_dropout, self.model.null_label, self.generator)[rows]
-            outputs = self._ddp(t, x_t, y)
+            outputs = self._ddp(mine.t, mine.x_t, y)
         else:
-            outputs = self._ddp(t, x_t)
-        v = outputs[0]
-        if v.shape != u_t.shape:
-            raise ValueError(f"model returned shape {tuple(v.shape)}, expected {tuple(u_t.shape)} (the shape of x_t)")
-        if not scored:
-            return LossTerms(torch.mean((v - u_t) ** 2)).total
-        sigma_t = expand_like(self.matcher.path.sigma_t(t), x_t)
-        return LossTerms(torch.mean((v - u_t) ** 2), torch.mean((sigma_t * outputs[1] + s.noise[rows]) ** 2)).total
+            outputs = self._ddp(mine.t, mine.x_t)
+        return self.matcher.regression_terms(mine, *outputs).total
 
     def _stream(self, steps: range, *, workers: int, thread: bool):
         """This process's batches of ``steps``: the coupled batches, or data-parallel this rank's rows of them."""
