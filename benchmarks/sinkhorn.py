@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
             print(anneal_table(anneal[-1:]).splitlines()[-1], flush=True)
         sections.append("## Epsilon scaling\n\nFrom `anneal_from` times the mean cost down to epsilon, halving it at each stage, "
                         "each stage warm-started from the last and run to the same L1 tolerance; iterations summed over "
-                        "the stages. Relative cost difference: |<P, C>| of the two plans.\n\n" + anneal_table(anneal))
+                        "the stages. Relative cost difference: |<P_annealed, C> - <P_cold, C>| / <P_cold, C>.\n\n" + anneal_table(anneal))
     if args.assign_batch_sizes:
         assign = []
         for b in args.assign_batch_sizes:

@@ -294,8 +294,11 @@ class SinkhornCoupler(Coupler):
         sources win their first bid. At the end every pair is delta-optimal (v_ij >= max_k v_ik - delta),
         hence mean_i C_ij_i <= mean cost of the optimal permutation + delta, with delta = ``assign_tol``
         (relative to the mean pairwise cost when ``relative``; plus round-off of the values in the
-        inputs' dtype, about 1e-7 of the centred squared extent in float32). Measured gaps to scipy's
-        linear_sum_assignment are in benchmarks/results/sinkhorn.md. Memory O(B d + block).
+        inputs' dtype, about 1e-7 of the centred squared extent in float32). Measured against scipy's
+        linear_sum_assignment (benchmarks/results/sinkhorn.md), B = 1024, d = 2, epsilon = 0.01: relative
+        cost gaps 3.4e-3, 3.1e-4, 1.2e-5 at assign_tol = 1e-2, 1e-3, 1e-4, ten to thirty times below the
+        bound (3.4e-2, 3.4e-3, 3.4e-4); the auction costs about what 5 half-steps do (it scored 10048 rows
+        at B = 2048). Memory O(B d + block).
         """
         if x0.shape[0] != x1.shape[0]:
             raise ValueError(f"assignment needs equal batch sizes (a permutation), got {x0.shape[0]} and {x1.shape[0]}")
