@@ -74,7 +74,7 @@ def test_site_builds_in_strict_mode(built_site):
     assert done.returncode == 0, f"sphinx-build -W -n failed:\n{done.stderr[-5000:]}"
     for page in ["index", "install", "concepts", "cli", "results", "testing", "api/index", "tutorials/index",
                  "tutorials/toy_2d", "tutorials/own_data", "tutorials/images", "tutorials/exact_field",
-                 "tutorials/hyperbolicity", "tutorials/batch_size"]:
+                 "tutorials/hyperbolicity", "tutorials/batch_size", "tutorials/torchcfm_migration"]:
         assert (out / f"{page}.html").exists(), page
 
 
