@@ -87,7 +87,7 @@ class FitReport:
 
     So ``cost_lower_bound <= W(mu0_n, mu1) <= cost_upper_bound`` holds on the batch (to the
     round-off of the support's dtype, in which the scores are computed), and the gap shrinks with
-    ``tv`` (quickstart, 1000 moons points at tv 0.0069: 1.8979 <= W <= 1.9022, map cost 1.8833).
+    ``tv`` (quickstart, 1000 moons points at tv 0.0085: 1.8979 <= W <= 1.9018, map cost 1.8822).
     Against the population cost ``W(mu0, mu1)``: the lower bound's expectation over the batch is
     the dual value at g, at most ``W(mu0, mu1)``, and ``E W(mu0_n, mu1) >= W(mu0, mu1)`` (the OT
     cost is convex in the source), so both hold in expectation, each with the batch's Monte Carlo
