@@ -347,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-samples", type=int, default=1000)
     p.add_argument("--classifier-steps", type=int, default=ClassifierConfig().steps)
     p.add_argument("--fit-tol", type=float, default=0.01, help="TV tolerance of the exact field's potential fit")
-    p.add_argument("--fit-max-time", type=float, default=120.0,
+    p.add_argument("--fit-max-time", type=float, default=900.0,
                    help="seconds the potential fit may take (its TV is reported; the exact field's samples are "
                         "training images whatever the TV, which says how evenly it weights them)")
     p.add_argument("--memorisation-samples", type=int, default=500)
