@@ -11,6 +11,7 @@ from ot_cfm.couplers import (
     ExactOTCoupler,
     IndependentCoupler,
     PartialCoupler,
+    ResampledCoupler,
     SemidiscreteCoupler,
     SinkhornCoupler,
     UnbalancedCoupler,
@@ -38,7 +39,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Coupler", "ExactOTCoupler", "SinkhornCoupler", "IndependentCoupler", "SemidiscreteCoupler",
-    "ClassConditionalCoupler", "UnbalancedCoupler", "PartialCoupler",
+    "ClassConditionalCoupler", "UnbalancedCoupler", "PartialCoupler", "ResampledCoupler",
     "ConditionalFlowMatcher", "OTConditionalFlowMatcher", "FlowSample", "LossTerms",
     "TargetConditionalFlowMatcher", "VariancePreservingConditionalFlowMatcher", "SchrodingerBridgeConditionalFlowMatcher",
     "ProbabilityPath", "StraightPath", "BrownianBridgePath", "TargetPath", "VariancePreservingPath",

@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "~/.cache/ot-cfm/classifiers)")
     train.add_argument("--coupler", choices=COUPLERS, default="exact", help="minibatch coupling")
     train.add_argument("--epsilon", type=float, default=0.05, help="Sinkhorn regularisation (relative to the mean cost)")
+    train.add_argument("--pairs-with-replacement", action="store_true",
+                       help="draw each batch's pairs with replacement from the coupling (torchcfm's OT plan "
+                            "sampling: about 37 %% repeats); default: every pair of the coupling once")
     train.add_argument("--sigma", type=float, default=0.0, help="path noise of the matcher")
     train.add_argument("--steps", type=int, default=5000, help="optimisation steps")
     train.add_argument("--batch-size", type=int, default=256,

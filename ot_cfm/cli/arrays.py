@@ -26,7 +26,6 @@ from ot_cfm.run_folder import claim_run_folder
 
 
 def _train_array(args) -> int:
-    from ot_cfm.couplers.conditional import ClassConditionalCoupler
     from ot_cfm.data import gaussian_sampler, load_array_dataset
     from ot_cfm.evaluation import evaluate_samples
     from ot_cfm.matcher import ConditionalFlowMatcher
@@ -50,10 +49,7 @@ def _train_array(args) -> int:
     torch.manual_seed(args.seed)  # model initialisation
     model = MLP(data.dim, width=args.width, depth=args.depth, activation=args.activation,
                 time_embedding=args.time_embedding, num_classes=num_classes).to(args.device)
-    coupler = _make_coupler(args.coupler, args.epsilon)
-    if args.conditional:
-        coupler = ClassConditionalCoupler(coupler)
-    matcher = ConditionalFlowMatcher(coupler=coupler, sigma=args.sigma)
+    matcher = ConditionalFlowMatcher(coupler=_make_coupler(args, args.conditional), sigma=args.sigma)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
                          schedule=args.schedule, grad_clip=args.grad_clip,
                          ema_decay=0.0 if args.ema_decay is None else args.ema_decay, seed=args.seed,
@@ -61,7 +57,7 @@ def _train_array(args) -> int:
                          workers=args.workers, threads=args.threads, label_dropout=label_dropout,
                          precision=args.precision, coupling_mode=args.coupling_mode)
     meta = {"model": model.config, "data": data.name, "dim": data.dim, "conditional": args.conditional,
-            "num_classes": data.num_classes, "coupler": args.coupler,
+            "num_classes": data.num_classes, "coupler": args.coupler, "pairs_with_replacement": args.pairs_with_replacement,
             "mean": None if data.mean is None else data.mean.tolist(),
             "std": None if data.std is None else data.std.tolist()}
     source = gaussian_sampler((data.dim,))
@@ -83,7 +79,8 @@ def _train_array(args) -> int:
             quality, tensors = evaluate_samples(field, source, data.held_out_sampler(), n=args.eval_samples,
                                                 generator=generator, device=args.device)
         metrics = {"data": data.name, "dim": data.dim, "standardized": args.standardize,
-                   "conditional": args.conditional, "coupler": args.coupler, "steps": result.step,
+                   "conditional": args.conditional, "coupler": args.coupler,
+                   "pairs_with_replacement": args.pairs_with_replacement, "steps": result.step,
                    "batch_size": args.batch_size, "final_loss": result.loss,
                    "steps_this_call": result.steps_trained, "train_seconds_this_call": result.seconds,
                    "workers": result.workers, "threads": result.threads, "device": str(args.device),

@@ -20,13 +20,23 @@ METRICS_JSON = "metrics.json"
 TOY_DEFAULTS = {"source": "8gaussians", "target": "moons"}
 
 
-def _make_coupler(name: str, epsilon: float):
-    from ot_cfm.couplers.exact import ExactOTCoupler
-    from ot_cfm.couplers.independent import IndependentCoupler
-    from ot_cfm.couplers.sinkhorn import SinkhornCoupler
+def _make_coupler(args, conditional: bool = False):
+    """The training coupler of ``args.coupler`` (Sinkhorn with ``args.epsilon``), within classes when
+    ``conditional``, its pairs drawn with replacement (torchcfm's plan sampling) with
+    ``args.pairs_with_replacement``."""
+    from ot_cfm.couplers import (
+        ClassConditionalCoupler,
+        ExactOTCoupler,
+        IndependentCoupler,
+        ResampledCoupler,
+        SinkhornCoupler,
+    )
 
-    return {"exact": ExactOTCoupler, "independent": IndependentCoupler,
-            "sinkhorn": lambda: SinkhornCoupler(epsilon=epsilon)}[name]()
+    coupler = {"exact": ExactOTCoupler, "independent": IndependentCoupler,
+               "sinkhorn": lambda: SinkhornCoupler(epsilon=args.epsilon)}[args.coupler]()
+    if conditional:
+        coupler = ClassConditionalCoupler(coupler)
+    return ResampledCoupler(coupler) if args.pairs_with_replacement else coupler
 
 
 def _model_from_spec(spec: dict):

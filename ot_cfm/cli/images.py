@@ -44,7 +44,6 @@ def _image_table(rows: list[dict]) -> str:
 
 
 def _train_images(args) -> int:
-    from ot_cfm.couplers.conditional import ClassConditionalCoupler
     from ot_cfm.data import gaussian_sampler
     from ot_cfm.image_data import load_image_dataset
     from ot_cfm.image_metrics import ClassifierConfig, classifier_accuracy, load_or_train_classifier
@@ -72,17 +71,15 @@ def _train_images(args) -> int:
         model = MLP(math.prod(data.shape), width=args.width, depth=args.depth, activation=args.activation,
                     time_embedding=args.time_embedding, num_classes=num_classes)
     model = model.to(args.device)  # initialised on the CPU: the same weights on every device
-    coupler = _make_coupler(args.coupler, args.epsilon)
-    if args.conditional:
-        coupler = ClassConditionalCoupler(coupler)
-    matcher = ConditionalFlowMatcher(coupler=coupler, sigma=args.sigma)
+    matcher = ConditionalFlowMatcher(coupler=_make_coupler(args, args.conditional), sigma=args.sigma)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
                          schedule=args.schedule, grad_clip=args.grad_clip, ema_decay=ema_decay, seed=args.seed,
                          eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, out_dir=str(out),
                          progress=not args.no_progress, workers=args.workers, threads=args.threads,
                          label_dropout=label_dropout, precision=args.precision, coupling_mode=args.coupling_mode)
     meta = {"model": model.config, "dataset": data.name, "shape": list(data.shape), "conditional": args.conditional,
-            "num_classes": data.num_classes, "class_names": list(data.class_names), "coupler": args.coupler}
+            "num_classes": data.num_classes, "class_names": list(data.class_names), "coupler": args.coupler,
+            "pairs_with_replacement": args.pairs_with_replacement}
     run = f"{out.name}: {data.name}, {'conditional, ' if args.conditional else ''}{args.coupler} coupler"
 
     def grid_during_training(sampling_model, step: int) -> dict:
@@ -114,7 +111,8 @@ def _train_images(args) -> int:
             figure = write_sample_grid(out / "samples.png", sampling_model, data.shape, num_classes, data.class_names,
                                        guidance, args.seed, f"{run}, step {result.step}")
         metrics = {"dataset": data.name, "shape": list(data.shape), "model": model.config["kind"],
-                   "conditional": args.conditional, "coupler": args.coupler, "steps": result.step,
+                   "conditional": args.conditional, "coupler": args.coupler,
+                   "pairs_with_replacement": args.pairs_with_replacement, "steps": result.step,
                    "batch_size": args.batch_size, "final_loss": result.loss, "steps_this_call": result.steps_trained,
                    "train_seconds_this_call": result.seconds, "workers": result.workers, "threads": result.threads,
                    "device": str(args.device), "precision": args.precision,

@@ -35,13 +35,14 @@ def _train_toy(args) -> int:
     spec = dict(dim=2, width=args.width, depth=args.depth, activation=args.activation,
                 time_embedding=args.time_embedding)
     model = _model_from_spec(spec).to(args.device)  # initialised on the CPU: the same weights on every device
-    matcher = ConditionalFlowMatcher(coupler=_make_coupler(args.coupler, args.epsilon), sigma=args.sigma)
+    matcher = ConditionalFlowMatcher(coupler=_make_coupler(args), sigma=args.sigma)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
                          schedule=args.schedule, grad_clip=args.grad_clip, ema_decay=args.ema_decay, seed=args.seed,
                          checkpoint_every=args.checkpoint_every, out_dir=str(out), progress=not args.no_progress,
                          workers=args.workers, threads=args.threads, precision=args.precision,
                          coupling_mode=args.coupling_mode)
-    meta = {"model": spec, "source": args.source, "target": args.target, "coupler": args.coupler}
+    meta = {"model": spec, "source": args.source, "target": args.target, "coupler": args.coupler,
+            "pairs_with_replacement": args.pairs_with_replacement}
     source, target = toy_sampler(args.source), toy_sampler(args.target)
     trainer = Trainer(model, matcher, source, target, config, metadata=meta)
     if _trained_on_other_rank(trainer, args):
@@ -56,7 +57,8 @@ def _train_toy(args) -> int:
         with torch_threads(threads):
             quality, tensors = evaluate_samples(trainer.sampling_model, source, target, n=args.eval_samples,
                                                 generator=torch.Generator().manual_seed(args.seed + 10_000))
-        metrics = {"source": args.source, "target": args.target, "coupler": args.coupler, "steps": result.step,
+        metrics = {"source": args.source, "target": args.target, "coupler": args.coupler,
+                   "pairs_with_replacement": args.pairs_with_replacement, "steps": result.step,
                    "batch_size": args.batch_size, "world_size": result.world_size,
                    "coupling_mode": args.coupling_mode, "final_loss": result.loss,
                    "steps_this_call": result.steps_trained, "train_seconds_this_call": result.seconds,

@@ -13,6 +13,7 @@ change when both are divided by one common positive number.
 
 from __future__ import annotations
 
+import inspect
 import math
 from abc import ABC, abstractmethod
 
@@ -20,7 +21,7 @@ import torch
 
 from ot_cfm.validation import check_pair
 
-__all__ = ["Coupler", "sample_rows", "centre_and_scale"]
+__all__ = ["Coupler", "sample_rows", "centre_and_scale", "takes_labels"]
 
 
 def sample_rows(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -118,6 +119,11 @@ def centre_and_scale(a: torch.Tensor, b: torch.Tensor, *, separately: bool = Fal
     return out[0], out[1], scale
 
 
+def takes_labels(coupler) -> bool:
+    """Whether ``coupler.indices`` takes the data labels ``y1`` (couples within classes)."""
+    return "y1" in inspect.signature(coupler.indices).parameters
+
+
 class Coupler(ABC):
     """Base class of every coupler: ``indices`` and ``plan`` define it, ``pair`` applies it."""
 
@@ -143,9 +149,13 @@ class Coupler(ABC):
              y1: torch.Tensor | None = None, *, generator: torch.Generator | None = None):
         """Re-paired batches ``(x0[i], x1[j])``, or ``(x0[i], x1[j], y0[i], y1[j])`` when labels are given.
 
-        Labels may be given for one side only; the other is returned as None.
+        Labels may be given for one side only; the other is returned as None. A coupler whose ``indices``
+        takes ``y1`` (``takes_labels``) couples with it.
         """
-        i, j = self.indices(x0, x1, generator=generator)
+        if takes_labels(self):  # couples with the data labels (``ClassConditionalCoupler``)
+            i, j = self.indices(x0, x1, generator=generator, y1=y1)
+        else:
+            i, j = self.indices(x0, x1, generator=generator)
         if y0 is None and y1 is None:
             return x0[i], x1[j]
         for name, y, x in (("y0", y0, x0), ("y1", y1, x1)):

@@ -142,12 +142,3 @@ class ClassConditionalCoupler(Coupler):
             block = self.base.plan(x0[rows], x1[rows]).to(x0.dtype) * (rows.numel() / n)
             plan[rows[:, None], rows[None, :]] = block
         return plan
-
-    def pair(self, x0: torch.Tensor, x1: torch.Tensor, y0: torch.Tensor | None = None,
-             y1: torch.Tensor | None = None, *, generator: torch.Generator | None = None):
-        """(x0[i], x1[j], y0[i], y1[j]) (y0 None when not given); y1 is required."""
-        i, j = self.indices(x0, x1, generator=generator, y1=y1)
-        if y0 is not None and (not isinstance(y0, torch.Tensor) or y0.shape[0] != x0.shape[0]):
-            got = tuple(y0.shape) if isinstance(y0, torch.Tensor) else type(y0).__name__
-            raise ValueError(f"y0 must be a tensor with one label per sample ({x0.shape[0]}), got {got}")
-        return x0[i], x1[j], (y0[i.to(y0.device)] if y0 is not None else None), y1[j.to(y1.device)]

@@ -48,6 +48,24 @@ def test_resume_with_other_configuration_is_a_clear_error(tmp_path, capsys):
     assert "another configuration" in capsys.readouterr().err
 
 
+def test_pairs_with_replacement_reach_the_coupler_and_the_record(tmp_path, capsys, monkeypatch):
+    """--pairs-with-replacement wraps the coupler in ResampledCoupler; a resume without it is another run."""
+    from ot_cfm.trainer import Trainer
+
+    couplers = []
+    fit = Trainer.fit
+    monkeypatch.setattr(Trainer, "fit", lambda self, **kw: couplers.append(self.matcher.coupler) or fit(self, **kw))
+    out = tmp_path / "run"
+    args = ["train", *SMALL, "--out", str(out), "--pairs-with-replacement"]
+    assert main(args) == 0
+    assert repr(couplers[0]) == "ResampledCoupler(ExactOTCoupler(backend='auto'))"
+    assert strict_json(out / "metrics.json")["pairs_with_replacement"] is True
+    assert read_checkpoint(out / "checkpoint.pt")["metadata"]["pairs_with_replacement"] is True
+    capsys.readouterr()
+    assert main([*args[:-1], "--resume"]) == 2
+    assert "another configuration" in capsys.readouterr().err
+
+
 def test_console_script_is_installed():
     done = subprocess.run([sys.executable, "-m", "ot_cfm.cli", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "train" in done.stdout
