@@ -56,7 +56,7 @@ def test_digits_summary_and_goal_lines_say_what_holds():
             return [0.5, 1.5][seed]
         return fd[name][seed]
 
-    runs = [{"variant": name, "seed": seed, "rows": [{"solver": s, "frechet_distance": value(name, seed, s)}
+    runs = [{"variant": name, "seed": seed, "rows": [{"solver": s, "frechet_distance": value(name, seed, s), "w2": 1.0}
                                                       for s in digits.SOLVERS]}
             for seed in (0, 1) for name in fd]
     summary = digits.summarise(runs)
@@ -65,9 +65,21 @@ def test_digits_summary_and_goal_lines_say_what_holds():
     lines = digits.goal_lines(summary, runs)
     assert "- OT-CFM vs I-CFM, euler-1: Fréchet distance 2.000 ± 1.414 vs 5.000 ± 1.414 (ratio 0.40): lower" in lines
     assert "- OT-CFM vs I-CFM, euler-2: Fréchet distance 2.000 ± 1.414 vs 2.000 ± 1.414 (ratio 1.00): NOT lower" in lines
-    torchcfm, unique = lines[-2:]
-    assert "dopri5 2.00; above torchcfm OT-CFM's at dopri5." in torchcfm and torchcfm.endswith("dopri5 2.00, 2.00")
+    same, unique, across = lines[-3:]
+    # twice torchcfm's Fréchet distance on both seeds: beyond the seeds' noise
+    assert "dopri5 2.00; WORSE than torchcfm OT-CFM's at dopri5." in same and same.endswith("dopri5 2.00, 2.00")
+    assert same.startswith("- OT-CFM, pairs with replacement / torchcfm OT-CFM") and across.startswith("- OT-CFM / ")
     assert "at or below torchcfm OT-CFM, no replacement's at every setting" in unique
+    resampling = digits.resampling_lines(summary)
+    assert "- I-CFM, pairs with replacement / I-CFM, Fréchet distance (classifier features): euler-1 0.40, " \
+           "euler-2 1.00" in resampling[2]
+
+
+def test_above_within_seed_noise_is_not_worse():
+    digits = load_script("examples/digits.py")
+    assert digits.beyond_noise([1.11, 1.14, 1.08]) is True   # every seed above: worse
+    assert digits.beyond_noise([1.05, 0.97, 1.00]) is False  # the seeds disagree
+    assert digits.beyond_noise([1.3]) is None                # one seed: no noise estimate
 
 
 def test_cifar10_quick(tmp_path):
