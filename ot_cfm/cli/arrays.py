@@ -17,7 +17,6 @@ from ot_cfm.cli.common import (
     _image_only_options,
     _json_value,
     _make_coupler,
-    _model_device,
     _trained_on_other_rank,
 )
 from ot_cfm.parallelism import auto_threads, torch_threads
@@ -106,6 +105,7 @@ def _first_two(x: torch.Tensor) -> torch.Tensor:
 
 
 def _sample_array_checkpoint(args, model, meta: dict) -> int:
+    from ot_cfm.evaluation import model_device
     from ot_cfm.models import guided_field
     from ot_cfm.sampling import sample
 
@@ -114,7 +114,7 @@ def _sample_array_checkpoint(args, model, meta: dict) -> int:
         raise ValueError(f"--guidance applies to class-conditional checkpoints; {args.checkpoint} is unconditional")
     x0 = torch.randn((args.n, meta["dim"]), generator=torch.Generator().manual_seed(args.seed))
     labels = torch.arange(args.n) % meta["num_classes"] if conditional else None
-    device = _model_device(model)  # the noise is drawn on the CPU and moved there
+    device = model_device(model)  # the noise is drawn on the CPU and moved there
     field = model if labels is None else guided_field(model, labels.to(device),
                                                       1.0 if args.guidance is None else args.guidance)
     steps = None if args.solver in ("dopri5", "tsit5") else args.steps

@@ -194,11 +194,6 @@ def _trained_on_other_rank(trainer, args) -> bool:
     return True
 
 
-def _model_device(model) -> torch.device:
-    """The device of a module's parameters (the CPU for a parameterless one)."""
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
-
-
 def _conditioning(args) -> tuple[float, float]:
     """(guidance scale, label dropout) of a run from --guidance and --label-dropout: 1.0 and, when
     --conditional, 0.1 unless given; both refused without --conditional."""

@@ -13,7 +13,6 @@ from ot_cfm.cli.common import (
     _finished_earlier,
     _json_value,
     _make_coupler,
-    _model_device,
     _model_from_spec,
     _trained_on_other_rank,
 )
@@ -76,6 +75,7 @@ def _train_toy(args) -> int:
 
 def _sample_toy_checkpoint(args, model, meta: dict) -> int:
     from ot_cfm.data import toy_sampler
+    from ot_cfm.evaluation import model_device
     from ot_cfm.plotting import plot_flow_2d
     from ot_cfm.sampling import sample
 
@@ -83,7 +83,7 @@ def _sample_toy_checkpoint(args, model, meta: dict) -> int:
     x0 = toy_sampler(meta["source"])(args.n, g)  # drawn on the CPU; sampled on the model's device
     steps = None if args.solver in ("dopri5", "tsit5") else args.steps
     options = dict(solver=args.solver, steps=steps, **({"max_nfe": args.max_nfe} if steps is None else {}))
-    device = _model_device(model)
+    device = model_device(model)
     out = sample(model, x0.to(device), **options)  # the samples and their NFE: no stops at plotting times
     # The figure's paths, solved again for the points it draws; an adaptive solver also stops at their times.
     paths = sample(model, x0[:PLOTTED_PATHS].to(device), return_trajectory=True, **options)
