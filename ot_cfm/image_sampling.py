@@ -15,7 +15,7 @@ from ot_cfm.models import guided_field
 from ot_cfm.sampling import IntegrationError, sample
 
 __all__ = ["IMAGE_EULER_NFES", "GRID_COLUMNS", "GRID_NFE", "EVAL_CHUNK", "PIXEL_W2_POINTS", "sample_images",
-           "grid_noise", "write_sample_grid", "evaluate_image_model"]
+           "grid_noise", "evaluation_noise", "write_sample_grid", "evaluate_image_model"]
 
 IMAGE_EULER_NFES = (1, 2, 4, 8)
 GRID_COLUMNS = 8          # images per row of a sample grid; unconditional grids are 8 x 8
@@ -62,6 +62,11 @@ def write_sample_grid(path: str | Path, model, shape: tuple, num_classes: int | 
                            title=f"{title}, Euler NFE {nfe:g}{suffix}")
 
 
+def evaluation_noise(n: int, shape: tuple, seed: int) -> torch.Tensor:
+    """The fixed noise (n, *shape), on the CPU, that ``evaluate_image_model`` samples from for ``seed``."""
+    return torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed + 10_000))
+
+
 def evaluate_image_model(model, data, classifier, *, n: int, conditional: bool, guidance: float, seed: int,
                          adaptive: bool = True, euler_nfes=IMAGE_EULER_NFES,
                          inception_weights: str | None = None) -> tuple[dict, list[dict]]:
@@ -73,7 +78,7 @@ def evaluate_image_model(model, data, classifier, *, n: int, conditional: bool, 
     labels arange(n) mod K, and their classifier accuracy is reported. A solver that fails (an undertrained
     field can stiffen dopri5) gets null metrics and a warning.
     """
-    x0 = torch.randn((n, *data.shape), generator=torch.Generator().manual_seed(seed + 10_000))
+    x0 = evaluation_noise(n, data.shape, seed)
     labels = torch.arange(n) % data.num_classes if conditional else None
     held_out = data.held_out_images
     metrics, rows = {}, []

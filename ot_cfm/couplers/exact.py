@@ -34,7 +34,8 @@ it is exact on the centred points at every scale tested (1e-8 to 1e8, offsets to
 
 For B0 == B1 the optimal extreme plan is a permutation (Birkhoff): ``indices`` returns every
 source and every target exactly once, unlike torchcfm's exact sampler, which draws B pairs with
-replacement from the plan (about 1/e = 36.8 % duplicates, see ``benchmarks/couplers.py``).
+replacement from the plan (about 1/e = 36.8 % duplicates, see ``benchmarks/couplers.py``);
+``ResampledCoupler(ExactOTCoupler())`` draws them that way.
 """
 
 from __future__ import annotations

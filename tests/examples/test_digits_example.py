@@ -4,9 +4,12 @@ parse, and the numbers in them have the properties the full runs rest on."""
 import json
 import math
 
+import pytest
 import torch
 from example_scripts import load_script
 
+from ot_cfm.image_data import load_image_dataset
+from ot_cfm.image_sampling import evaluation_noise
 from ot_cfm.models import unet_for
 
 
@@ -32,6 +35,9 @@ def test_digits_quick(tmp_path):
         for k in (1, 2, 4, 8):  # Euler takes exactly k evaluations
             assert written["summary"][name][f"euler-{k}"]["nfe"] == [k, 0.0]
     assert len(written["runs"]) == len(variants) and all(r["train_seconds"] > 0 for r in written["runs"])
+    icfm = [r for r in written["runs"] if r["variant"].startswith("I-CFM") and "conditional" not in r["variant"]]
+    assert len(icfm) == 2 and all(r["field_error_t0"] > 0 for r in icfm)
+    assert written["references"]["icfm_exact_one_step"] > written["references"]["frechet_distance"]
 
     # the exact field of the training images carries noise onto training images: distance 0, ratio 0;
     # 150 steps of training do not copy any training image
@@ -73,6 +79,17 @@ def test_digits_summary_and_goal_lines_say_what_holds():
     resampling = digits.resampling_lines(summary)
     assert "- I-CFM, pairs with replacement / I-CFM, Fréchet distance (classifier features): euler-1 0.40, " \
            "euler-2 1.00" in resampling[2]
+
+
+def test_icfm_field_error_is_zero_for_the_exact_field_only():
+    digits = load_script("examples/digits.py")
+    data = load_image_dataset("digits")
+    mean = data.train_images.mean(0)
+    assert digits.icfm_field_error(lambda t, x: mean - x, data, 50, seed=0) < 1e-12
+    x0 = evaluation_noise(50, data.shape, 0)
+    assert digits.icfm_field_error(lambda t, x: -x, data, 50, seed=0) == pytest.approx(float(mean.square().mean()))
+    assert digits.icfm_field_error(lambda t, x: x - mean, data, 50, seed=0) == pytest.approx(
+        float((2 * (mean - x0)).square().mean()))
 
 
 def test_above_within_seed_noise_is_not_worse():
