@@ -35,7 +35,6 @@ import torch.distributed as dist
 from torch.utils.data import Dataset
 
 from ot_cfm.batches import _check_labelled, batch_generator, coupled_batch_stream
-from ot_cfm.couplers.base import takes_labels
 from ot_cfm.validation import check_pair
 
 __all__ = ["COUPLING_MODES", "TORCHRUN_VARIABLES", "DistributedContext", "init_from_env", "per_rank_batch",
@@ -133,7 +132,7 @@ def _indices(coupler, x0: torch.Tensor, x1: torch.Tensor, y1: torch.Tensor | Non
         rows = torch.arange(x0.shape[0], device=x0.device)
         return rows, rows
     check_pair(x0, x1, same_batch_size=coupler.requires_equal_sizes)
-    if y1 is not None and takes_labels(coupler):  # couples within classes
+    if y1 is not None and coupler.takes_labels:  # couples within classes
         return coupler.indices(x0, x1, generator=generator, y1=y1)
     return coupler.indices(x0, x1, generator=generator)
 

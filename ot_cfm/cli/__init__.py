@@ -142,8 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--coupler", choices=COUPLERS, default="exact", help="minibatch coupling")
     train.add_argument("--epsilon", type=float, default=0.05, help="Sinkhorn regularisation (relative to the mean cost)")
     train.add_argument("--pairs-with-replacement", action="store_true",
-                       help="draw each batch's pairs with replacement from the coupling (torchcfm's OT plan "
-                            "sampling: about 37 %% repeats); default: every pair of the coupling once")
+                       help="draw each batch's pairs with replacement from the coupler's pairs (about 37 %% repeats; "
+                            "with --coupler exact, torchcfm's OT plan sampling); default: every pair once")
     train.add_argument("--sigma", type=float, default=0.0, help="path noise of the matcher")
     train.add_argument("--steps", type=int, default=5000, help="optimisation steps")
     train.add_argument("--batch-size", type=int, default=256,

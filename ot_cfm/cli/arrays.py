@@ -13,6 +13,8 @@ from ot_cfm.cli.common import (
     METRICS_JSON,
     TOY_DEFAULTS,
     _conditioning,
+    _coupler_record,
+    _coupler_title,
     _finished_earlier,
     _image_only_options,
     _json_value,
@@ -56,7 +58,7 @@ def _train_array(args) -> int:
                          workers=args.workers, threads=args.threads, label_dropout=label_dropout,
                          precision=args.precision, coupling_mode=args.coupling_mode)
     meta = {"model": model.config, "data": data.name, "dim": data.dim, "conditional": args.conditional,
-            "num_classes": data.num_classes, "coupler": args.coupler, "pairs_with_replacement": args.pairs_with_replacement,
+            "num_classes": data.num_classes, **_coupler_record(args),
             "mean": None if data.mean is None else data.mean.tolist(),
             "std": None if data.std is None else data.std.tolist()}
     source = gaussian_sampler((data.dim,))
@@ -78,8 +80,7 @@ def _train_array(args) -> int:
             quality, tensors = evaluate_samples(field, source, data.held_out_sampler(), n=args.eval_samples,
                                                 generator=generator, device=args.device)
         metrics = {"data": data.name, "dim": data.dim, "standardized": args.standardize,
-                   "conditional": args.conditional, "coupler": args.coupler,
-                   "pairs_with_replacement": args.pairs_with_replacement, "steps": result.step,
+                   "conditional": args.conditional, **_coupler_record(args), "steps": result.step,
                    "batch_size": args.batch_size, "final_loss": result.loss,
                    "steps_this_call": result.steps_trained, "train_seconds_this_call": result.seconds,
                    "workers": result.workers, "threads": result.threads, "device": str(args.device),
@@ -93,7 +94,7 @@ def _train_array(args) -> int:
         figure = plot_flow_2d(out / "samples.png", *(_first_two(tensors[k]) for k in ("source", "generated", "target")),
                               None if trajectory is None else trajectory[..., :2],
                               title=f"{data.name} (held-out rows; coordinates 1-2{', standardised' * args.standardize})"
-                                    f", {args.coupler} coupler, {result.step} steps")
+                                    f", {_coupler_title(args)}, {result.step} steps")
     print(quality.to_markdown().replace("two target samples", "two draws of the held-out rows"))
     print(f"wrote {out / CHECKPOINT_NAME}, {out / METRICS_JSON}, {figure}")
     return 0

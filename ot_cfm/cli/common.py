@@ -39,6 +39,17 @@ def _make_coupler(args, conditional: bool = False):
     return ResampledCoupler(coupler) if args.pairs_with_replacement else coupler
 
 
+def _coupler_record(args) -> dict:
+    """The coupling of a run for its checkpoint metadata and metrics: the coupler's name, and
+    ``pairs_with_replacement`` only when set (so checkpoints written before the option still resume)."""
+    return {"coupler": args.coupler, **({"pairs_with_replacement": True} if args.pairs_with_replacement else {})}
+
+
+def _coupler_title(args) -> str:
+    """The coupling of a run in figure titles, e.g. "exact coupler, pairs with replacement"."""
+    return f"{args.coupler} coupler" + (", pairs with replacement" if args.pairs_with_replacement else "")
+
+
 def _model_from_spec(spec: dict):
     """The model a checkpoint describes: ``model.config`` (with ``kind``), or a toy MLP's arguments (older
     toy checkpoints have no ``kind``)."""

@@ -13,6 +13,8 @@ from ot_cfm.cli.common import (
     METRICS_JSON,
     TOY_DEFAULTS,
     _conditioning,
+    _coupler_record,
+    _coupler_title,
     _finished_earlier,
     _json_value,
     _make_coupler,
@@ -78,9 +80,8 @@ def _train_images(args) -> int:
                          progress=not args.no_progress, workers=args.workers, threads=args.threads,
                          label_dropout=label_dropout, precision=args.precision, coupling_mode=args.coupling_mode)
     meta = {"model": model.config, "dataset": data.name, "shape": list(data.shape), "conditional": args.conditional,
-            "num_classes": data.num_classes, "class_names": list(data.class_names), "coupler": args.coupler,
-            "pairs_with_replacement": args.pairs_with_replacement}
-    run = f"{out.name}: {data.name}, {'conditional, ' if args.conditional else ''}{args.coupler} coupler"
+            "num_classes": data.num_classes, "class_names": list(data.class_names), **_coupler_record(args)}
+    run = f"{out.name}: {data.name}, {'conditional, ' if args.conditional else ''}{_coupler_title(args)}"
 
     def grid_during_training(sampling_model, step: int) -> dict:
         """Every --eval-every steps: the grid, and the image metrics at Euler NFE ``GRID_NFE`` for the log."""
@@ -111,8 +112,7 @@ def _train_images(args) -> int:
             figure = write_sample_grid(out / "samples.png", sampling_model, data.shape, num_classes, data.class_names,
                                        guidance, args.seed, f"{run}, step {result.step}")
         metrics = {"dataset": data.name, "shape": list(data.shape), "model": model.config["kind"],
-                   "conditional": args.conditional, "coupler": args.coupler,
-                   "pairs_with_replacement": args.pairs_with_replacement, "steps": result.step,
+                   "conditional": args.conditional, **_coupler_record(args), "steps": result.step,
                    "batch_size": args.batch_size, "final_loss": result.loss, "steps_this_call": result.steps_trained,
                    "train_seconds_this_call": result.seconds, "workers": result.workers, "threads": result.threads,
                    "device": str(args.device), "precision": args.precision,

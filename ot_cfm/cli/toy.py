@@ -10,6 +10,8 @@ import torch
 from ot_cfm.atomic import atomic_write
 from ot_cfm.cli.common import (
     METRICS_JSON,
+    _coupler_record,
+    _coupler_title,
     _finished_earlier,
     _json_value,
     _make_coupler,
@@ -40,8 +42,7 @@ def _train_toy(args) -> int:
                          checkpoint_every=args.checkpoint_every, out_dir=str(out), progress=not args.no_progress,
                          workers=args.workers, threads=args.threads, precision=args.precision,
                          coupling_mode=args.coupling_mode)
-    meta = {"model": spec, "source": args.source, "target": args.target, "coupler": args.coupler,
-            "pairs_with_replacement": args.pairs_with_replacement}
+    meta = {"model": spec, "source": args.source, "target": args.target, **_coupler_record(args)}
     source, target = toy_sampler(args.source), toy_sampler(args.target)
     trainer = Trainer(model, matcher, source, target, config, metadata=meta)
     if _trained_on_other_rank(trainer, args):
@@ -56,8 +57,7 @@ def _train_toy(args) -> int:
         with torch_threads(threads):
             quality, tensors = evaluate_samples(trainer.sampling_model, source, target, n=args.eval_samples,
                                                 generator=torch.Generator().manual_seed(args.seed + 10_000))
-        metrics = {"source": args.source, "target": args.target, "coupler": args.coupler,
-                   "pairs_with_replacement": args.pairs_with_replacement, "steps": result.step,
+        metrics = {"source": args.source, "target": args.target, **_coupler_record(args), "steps": result.step,
                    "batch_size": args.batch_size, "world_size": result.world_size,
                    "coupling_mode": args.coupling_mode, "final_loss": result.loss,
                    "steps_this_call": result.steps_trained, "train_seconds_this_call": result.seconds,
@@ -67,7 +67,7 @@ def _train_toy(args) -> int:
         atomic_write(out / METRICS_JSON, lambda f: f.write(text))
         figure = plot_flow_2d(out / "samples.png", tensors["source"], tensors["generated"], tensors["target"],
                               tensors.get("trajectory"),
-                              title=f"{args.source} -> {args.target}, {args.coupler} coupler, {result.step} steps")
+                              title=f"{args.source} -> {args.target}, {_coupler_title(args)}, {result.step} steps")
     print(quality.to_markdown())
     print(f"wrote {out / CHECKPOINT_NAME}, {out / METRICS_JSON}, {figure}")
     return 0

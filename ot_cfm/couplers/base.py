@@ -13,7 +13,6 @@ change when both are divided by one common positive number.
 
 from __future__ import annotations
 
-import inspect
 import math
 from abc import ABC, abstractmethod
 
@@ -21,7 +20,7 @@ import torch
 
 from ot_cfm.validation import check_pair
 
-__all__ = ["Coupler", "sample_rows", "centre_and_scale", "takes_labels"]
+__all__ = ["Coupler", "sample_rows", "centre_and_scale"]
 
 
 def sample_rows(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -119,16 +118,13 @@ def centre_and_scale(a: torch.Tensor, b: torch.Tensor, *, separately: bool = Fal
     return out[0], out[1], scale
 
 
-def takes_labels(coupler) -> bool:
-    """Whether ``coupler.indices`` takes the data labels ``y1`` (couples within classes)."""
-    return "y1" in inspect.signature(coupler.indices).parameters
-
-
 class Coupler(ABC):
     """Base class of every coupler: ``indices`` and ``plan`` define it, ``pair`` applies it."""
 
     #: whether x0 and x1 must have the same batch size
     requires_equal_sizes: bool = False
+    #: whether ``indices`` and ``plan`` take the data labels ``y1`` (couple within classes)
+    takes_labels: bool = False
     #: whether coupling is CPU solver work (POT, scipy) that worker processes can overlap with the model step
     solves_on_cpu: bool = False
 
@@ -150,9 +146,9 @@ class Coupler(ABC):
         """Re-paired batches ``(x0[i], x1[j])``, or ``(x0[i], x1[j], y0[i], y1[j])`` when labels are given.
 
         Labels may be given for one side only; the other is returned as None. A coupler whose ``indices``
-        takes ``y1`` (``takes_labels``) couples with it.
+        takes ``y1`` (``takes_labels``) couples with it; labels follow their points either way.
         """
-        if takes_labels(self):  # couples with the data labels (``ClassConditionalCoupler``)
+        if self.takes_labels:  # couples with the data labels (``ClassConditionalCoupler``)
             i, j = self.indices(x0, x1, generator=generator, y1=y1)
         else:
             i, j = self.indices(x0, x1, generator=generator)

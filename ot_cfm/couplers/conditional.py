@@ -72,6 +72,7 @@ class ClassConditionalCoupler(Coupler):
     """
 
     requires_equal_sizes = True
+    takes_labels = True
 
     def __init__(self, base: Coupler | None = None, *, penalty: float | None = None) -> None:
         base = ExactOTCoupler() if base is None else base

@@ -64,6 +64,9 @@ def test_pairs_with_replacement_reach_the_coupler_and_the_record(tmp_path, capsy
     capsys.readouterr()
     assert main([*args[:-1], "--resume"]) == 2
     assert "another configuration" in capsys.readouterr().err
+    # without the option the metadata is as before it existed: older checkpoints still resume
+    assert main(["train", *SMALL, "--out", str(tmp_path / "plain")]) == 0
+    assert "pairs_with_replacement" not in read_checkpoint(tmp_path / "plain" / "checkpoint.pt")["metadata"]
 
 
 def test_console_script_is_installed():

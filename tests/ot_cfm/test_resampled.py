@@ -8,10 +8,17 @@ import pytest
 import torch
 
 from ot_cfm.compat.torchcfm.optimal_transport import OTPlanSampler
-from ot_cfm.couplers import ClassConditionalCoupler, ExactOTCoupler, IndependentCoupler, ResampledCoupler
+from ot_cfm.couplers import (
+    ClassConditionalCoupler,
+    ExactOTCoupler,
+    IndependentCoupler,
+    ResampledCoupler,
+    SemidiscreteCoupler,
+)
 from ot_cfm.matcher import ConditionalFlowMatcher
 from ot_cfm.models import MLP
 from ot_cfm.trainer import TrainConfig, Trainer
+from proximal.discrete import DiscreteBrenierPotential
 
 
 def batches(n=64, dim=3, seed=0):
@@ -75,8 +82,39 @@ def test_within_class_base_keeps_every_pair_inside_its_class():
     assert la is None and torch.equal(lb, y1[torch.cdist(b, x1).argmin(1)])
     with pytest.raises(ValueError, match="needs the data labels"):
         coupler.indices(x0, x1)
-    with pytest.raises(ValueError, match="does not couple with labels"):
-        ResampledCoupler(ExactOTCoupler()).indices(x0, x1, y1=y1)
+
+
+def test_labels_follow_their_points_over_a_base_without_labels():
+    """OT over the points only, labels carried along: y0[i] and y1[j] of the drawn pairs (i, j)."""
+    g = torch.Generator().manual_seed(4)
+    x0, x1 = torch.randn(40, 3, generator=g), torch.randn(40, 3, generator=g)
+    y0, y1 = torch.arange(40), torch.arange(40) + 100
+    coupler = ResampledCoupler(ExactOTCoupler())
+    assert not coupler.takes_labels
+    i, j = coupler.indices(x0, x1, generator=torch.Generator().manual_seed(7))
+    a, b, la, lb = coupler.pair(x0, x1, y0, y1, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, x0[i]) and torch.equal(b, x1[j]) and torch.equal(la, y0[i]) and torch.equal(lb, y1[j])
+    matcher = ConditionalFlowMatcher(ResampledCoupler(IndependentCoupler()))
+    paired = matcher.couple(x0, x1, None, y1, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(paired[3], y1[torch.cdist(paired[1], x1).argmin(1)])
+
+
+class ShuffledPairs(ExactOTCoupler):
+    """The optimal pairs listed in a shuffled order: i is not arange."""
+
+    def indices(self, x0, x1, *, generator=None):
+        i, j = super().indices(x0, x1)
+        order = torch.randperm(i.shape[0], generator=torch.Generator().manual_seed(0))
+        return i[order], j[order]
+
+
+def test_draws_keep_each_base_pair_whole():
+    x0, x1 = batches(n=30)
+    base_i, base_j = ShuffledPairs().indices(x0, x1)
+    partner = dict(zip(base_i.tolist(), base_j.tolist()))
+    i, j = ResampledCoupler(ShuffledPairs()).indices(x0, x1, generator=torch.Generator().manual_seed(1))
+    assert all(partner[a] == b for a, b in zip(i.tolist(), j.tolist()))
+    assert i.unique().numel() < 30  # repeats: drawn with replacement
 
 
 def test_plan_is_the_base_plan_and_bad_base_is_refused():
@@ -84,6 +122,9 @@ def test_plan_is_the_base_plan_and_bad_base_is_refused():
     torch.testing.assert_close(ResampledCoupler(ExactOTCoupler()).plan(x0, x1), ExactOTCoupler().plan(x0, x1))
     with pytest.raises(ValueError, match="base must be a Coupler"):
         ResampledCoupler("exact")
+    support = torch.randn(5, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="not with x1"):
+        ResampledCoupler(SemidiscreteCoupler(DiscreteBrenierPotential(support, None, torch.zeros(5, dtype=torch.float64))))
     coupler = pickle.loads(pickle.dumps(ResampledCoupler(IndependentCoupler())))  # travels to worker processes
     assert repr(coupler) == "ResampledCoupler(IndependentCoupler())" and not coupler.solves_on_cpu
     assert ResampledCoupler(ExactOTCoupler()).solves_on_cpu
