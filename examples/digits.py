@@ -40,6 +40,7 @@ import argparse
 import json
 import math
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -476,7 +477,7 @@ def _run(argv) -> dict:
         parser.set_defaults(seeds=[0], steps=150, width=64, ema_decay=0.9, eval_samples=200, classifier_steps=200, fit_tol=0.2,
                             fit_max_time=5.0, memorisation_samples=64, out=Path("runs/digits_quick"))
     args = parser.parse_args(argv)
-    command = "python examples/digits.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python examples/digits.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     start, cpu_start = time.perf_counter(), time.process_time()
     args.out.mkdir(parents=True, exist_ok=True)
     data = load_image_dataset("digits")
