@@ -6,7 +6,6 @@ import math
 import warnings
 
 import numpy as np
-import ot
 import torch
 
 from ot_cfm.couplers.base import centre_and_scale
@@ -36,6 +35,7 @@ def _exact_cost(cost: torch.Tensor, tol: float, max_iterations: int, caller: str
     """min sum P_ij C_ij over couplings of uniform weights, by POT's network simplex, certified by its duals."""
     n0, n1 = cost.shape
     wa, wb = np.full(n0, 1.0 / n0), np.full(n1, 1.0 / n1)
+    import ot  # here, not at module level: importing POT loads scikit-learn (about a second)
     plan, log = ot.emd(wa, wb, cost.numpy(), numItermax=max_iterations, log=True)
     if log["result_code"] == _MAX_ITER_REACHED:
         raise RuntimeError(f"POT's network simplex stopped at max_iterations={max_iterations} before the optimum "
@@ -55,6 +55,7 @@ def _sinkhorn_cost(cost: torch.Tensor, reg: float, max_iterations: int) -> float
     same units. RuntimeError unless P is finite and meets both marginals to 1e-6 in L1."""
     n0, n1 = cost.shape
     wa, wb = np.full(n0, 1.0 / n0), np.full(n1, 1.0 / n1)
+    import ot  # here, not at module level: importing POT loads scikit-learn (about a second)
     # an underflowing kernel divides by zero and POT warns of it, or of stopping early: the check below reports both
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore")

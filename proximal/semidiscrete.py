@@ -52,7 +52,6 @@ import time
 import warnings
 from collections.abc import Callable
 
-import ot
 import torch
 
 from ot_cfm.parallelism import available_cores, torch_threads
@@ -287,6 +286,7 @@ def _cost_bounds(passed: _Pass, y: torch.Tensor, w: torch.Tensor, g: torch.Tenso
         mean_cost = ((passed.cell_squares[sources, None] / 2 - passed.cell_sums[sources] @ y[sinks].T)
                      / counts[sources, None] + half_norms[sinks])
         a, b = excess[sources].cpu().numpy(), deficit[sinks].cpu().numpy()
+        import ot  # here, not at module level: importing POT loads scikit-learn (about a second)
         with warnings.catch_warnings():  # a plan stopped early is still feasible: its cost is still a bound
             warnings.simplefilter("ignore", UserWarning)
             plan = torch.as_tensor(ot.emd(a, b * (a.sum() / b.sum()), mean_cost.cpu().numpy(), numItermax=10 ** 7),

@@ -13,7 +13,6 @@ plan with its duals on the full cost (LP duality, see there).
 from __future__ import annotations
 
 import numpy as np
-import ot
 import torch
 
 __all__ = ["network_simplex", "certify", "certificate_tolerance", "CERTIFICATE_TOL"]
@@ -37,6 +36,7 @@ def network_simplex(cost, a: np.ndarray | None = None, b: np.ndarray | None = No
     n0, n1 = cost.shape
     a = np.full(n0, 1.0 / n0) if a is None else a
     b = np.full(n1, 1.0 / n1) if b is None else b
+    import ot  # here, not at module level: importing POT loads scikit-learn (about a second)
     plan, log = ot.emd(a, b, cost, numItermax=EMD_MAX_ITER, log=True)
     if log["result_code"] != 1:
         raise RuntimeError(f"POT emd did not reach an optimal plan (result_code {log['result_code']}: "

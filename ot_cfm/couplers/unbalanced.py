@@ -46,7 +46,6 @@ import warnings
 from abc import abstractmethod
 from dataclasses import dataclass
 
-import ot
 import torch
 
 from ot_cfm.couplers.base import Coupler, centre_and_scale, sample_rows
@@ -177,6 +176,7 @@ class UnbalancedCoupler(_MassDroppingCoupler):
 
     def solve(self, x0: torch.Tensor, x1: torch.Tensor) -> RelaxedPlan:
         """The unbalanced plan P (B0, B1) for masses 1/B0, 1/B1, float64 on x0's device, and its mass."""
+        import ot  # here, not at module level: importing POT loads scikit-learn (about a second)
         cost, unit, s2 = self._cost(x0, x1)
         a, b = self._marginals(x0, x1)
         with warnings.catch_warnings(record=True) as caught:
@@ -237,6 +237,7 @@ class PartialCoupler(_MassDroppingCoupler):
 
     def solve(self, x0: torch.Tensor, x1: torch.Tensor) -> RelaxedPlan:
         """The partial plan P (B0, B1) for masses 1/B0, 1/B1 with sum P = mass, float64 on x0's device."""
+        import ot  # here, not at module level: importing POT loads scikit-learn (about a second)
         cost, unit, s2 = self._cost(x0, x1)
         a, b = self._marginals(x0, x1)
         m = min(self.mass, float(a.sum()), float(b.sum()))  # POT refuses m above the rounded sums of a and b
