@@ -39,10 +39,12 @@ def test_wasserstein2_reachable_as_in_design():
     assert callable(ot_cfm.metrics.wasserstein2)
 
 
-def test_torchdyn_is_imported_lazily():
+def test_torchdyn_pot_and_sklearn_are_imported_lazily():
     import subprocess
     import sys
 
-    code = "import ot_cfm, proximal, manifold_tests, ot_cfm_experiments, sys; print('torchdyn' in sys.modules)"
+    code = ("import ot_cfm, proximal, manifold_tests, ot_cfm_experiments, sys; "
+            "print([m for m in ('torchdyn', 'ot', 'sklearn') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.stdout.strip() == "False", out.stderr
+    # torchdyn, POT and scikit-learn are imported where they are used: together they doubled the import time
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
