@@ -332,7 +332,12 @@ class Trainer:
                 nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        self.scheduler.step()
+        if self.scaler is None:
+            self.scheduler.step()
+        else:  # the schedule counts training steps, also those the scaler skipped: torch's warning does not apply
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+                self.scheduler.step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
         self.step += 1
