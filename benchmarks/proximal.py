@@ -37,7 +37,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirna
 
 import torch  # noqa: E402
 
-from ot_cfm.image_data import load_image_dataset  # noqa: E402
+from ot_cfm.images import load_image_dataset  # noqa: E402
 from proximal.discrete import DiscreteBrenierPotential  # noqa: E402
 from proximal.semidiscrete import cell_masses, fit_discrete_potential  # noqa: E402
 

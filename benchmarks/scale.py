@@ -36,15 +36,15 @@ if not __package__:  # run as a file: put the repository root first, not this fo
 
 import torch
 
-from ot_cfm.batches import batch_generator
 from ot_cfm.couplers.base import Coupler
 from ot_cfm.couplers.exact import ExactOTCoupler
 from ot_cfm.couplers.independent import IndependentCoupler
 from ot_cfm.data import toy_sampler
 from ot_cfm.matcher import ConditionalFlowMatcher
 from ot_cfm.models import MLP
-from ot_cfm.parallelism import available_cores
-from ot_cfm.trainer import TrainConfig, Trainer
+from ot_cfm.training import TrainConfig, Trainer
+from ot_cfm.training.batches import batch_generator
+from ot_cfm.utils.parallelism import available_cores
 
 SOURCE, TARGET = "8gaussians", "moons"
 

@@ -45,14 +45,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ot_cfm.batches import CoupledBatches
 from ot_cfm.couplers.exact import ExactOTCoupler
 from ot_cfm.data import toy_sampler
 from ot_cfm.evaluation import evaluate_samples
+from ot_cfm.evaluation.metrics import wasserstein2
 from ot_cfm.matcher import ConditionalFlowMatcher
-from ot_cfm.metrics import wasserstein2
 from ot_cfm.models import MLP
-from ot_cfm.trainer import TrainConfig, Trainer
+from ot_cfm.training import TrainConfig, Trainer
+from ot_cfm.training.batches import CoupledBatches
 
 TASKS = {"8gaussians-moons": ("8gaussians", "moons"), "gaussian-moons": ("gaussian", "moons")}
 LABELS = ("euler-1", "euler-2", "euler-4", "euler-8", "dopri5")

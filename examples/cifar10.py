@@ -30,17 +30,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from ot_cfm.atomic import atomic_write
-from ot_cfm.batches import overlap_mode
 from ot_cfm.couplers.exact import ExactOTCoupler
 from ot_cfm.couplers.independent import IndependentCoupler
 from ot_cfm.data import gaussian_sampler
-from ot_cfm.image_data import CIFAR10_CLASSES, ImageDataset, load_image_dataset
-from ot_cfm.image_sampling import sample_images
+from ot_cfm.evaluation.plotting import plot_image_grid
+from ot_cfm.images import CIFAR10_CLASSES, ImageDataset, load_image_dataset
+from ot_cfm.images.sampling import sample_images
 from ot_cfm.matcher import ConditionalFlowMatcher
 from ot_cfm.models import UNET_PRESETS, unet_for
-from ot_cfm.plotting import plot_image_grid
-from ot_cfm.trainer import TrainConfig, Trainer
+from ot_cfm.training import TrainConfig, Trainer
+from ot_cfm.training.batches import overlap_mode
+from ot_cfm.utils.atomic import atomic_write
 
 SHAPE = (3, 32, 32)
 #: bytes of model state per parameter in fp32 training with Adam and EMA: weights, gradients, two moments, EMA

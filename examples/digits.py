@@ -18,14 +18,14 @@ about 60 times as long per step on a CPU) and draws the same noise, data and t. 
 against the held-out images, at Euler NFE 1, 2, 4, 8 and dopri5: the Fréchet distance in the feature space of
 the package's classifier, pixel W2, mode coverage (entropy of the classifier's label histogram over log 10,
 share of the least frequent class) and, for conditional variants, the share classified as the class asked
-for (``ot_cfm.image_sampling.evaluate_image_model``, as ``ot-cfm train --dataset digits`` reports them). Mean ± sample
+for (``ot_cfm.images.sampling.evaluate_image_model``, as ``ot-cfm train --dataset digits`` reports them). Mean ± sample
 standard deviation over seeds.
 
 Memorisation: the exact OT-CFM field of the training images (``proximal``'s discrete Brenier potential, fitted
 semi-discretely from N(0, I)) carries every noise image to a training image. The figure shows learned samples
 beside exact-field samples from the same noise, each with its distance to the nearest training image and the
 ratio of that distance to the training image's own nearest-neighbour distance
-(``ot_cfm.image_metrics.memorisation_distances``).
+(``ot_cfm.images.memorisation_distances``).
 
     python examples/digits.py                            # writes runs/digits/digits.{md,json} and figures
     python examples/digits.py --out examples/results     # the committed results
@@ -54,15 +54,23 @@ from torch import nn
 from torchcfm.conditional_flow_matching import ConditionalFlowMatcher as TorchcfmBase
 from torchcfm.conditional_flow_matching import ExactOptimalTransportConditionalFlowMatcher
 
-from ot_cfm.atomic import atomic_write
 from ot_cfm.couplers.conditional import ClassConditionalCoupler
 from ot_cfm.couplers.exact import ExactOTCoupler
 from ot_cfm.couplers.independent import IndependentCoupler
 from ot_cfm.couplers.resampled import ResampledCoupler
 from ot_cfm.data import gaussian_sampler
-from ot_cfm.image_data import ImageDataset, load_image_dataset
-from ot_cfm.image_metrics import ClassifierConfig, classifier_accuracy, evaluate_images, load_or_train_classifier, memorisation_distances
-from ot_cfm.image_sampling import (
+from ot_cfm.evaluation.metrics import wasserstein2
+from ot_cfm.evaluation.plotting import image_mosaic, save_figure
+from ot_cfm.images import (
+    ClassifierConfig,
+    ImageDataset,
+    classifier_accuracy,
+    evaluate_images,
+    load_image_dataset,
+    load_or_train_classifier,
+    memorisation_distances,
+)
+from ot_cfm.images.sampling import (
     IMAGE_EULER_NFES,
     evaluate_image_model,
     evaluation_noise,
@@ -70,12 +78,11 @@ from ot_cfm.image_sampling import (
     write_sample_grid,
 )
 from ot_cfm.matcher import ConditionalFlowMatcher
-from ot_cfm.metrics import wasserstein2
 from ot_cfm.models import MLP
-from ot_cfm.parallelism import available_cores, torch_threads
-from ot_cfm.plotting import image_mosaic, save_figure
-from ot_cfm.sampling import sample
-from ot_cfm.trainer import TrainConfig, Trainer
+from ot_cfm.solvers.ode import sample
+from ot_cfm.training import TrainConfig, Trainer
+from ot_cfm.utils.atomic import atomic_write
+from ot_cfm.utils.parallelism import available_cores, torch_threads
 from proximal import ExactVelocityField, fit_discrete_potential
 
 SOLVERS = tuple(f"euler-{k}" for k in IMAGE_EULER_NFES) + ("dopri5",)

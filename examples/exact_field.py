@@ -38,11 +38,11 @@ from ot_cfm.couplers.exact import ExactOTCoupler
 from ot_cfm.couplers.semidiscrete import SemidiscreteCoupler
 from ot_cfm.data import TensorSampler, gaussian_sampler, toy_sampler
 from ot_cfm.evaluation import evaluate_samples
+from ot_cfm.evaluation.plotting import save_figure
 from ot_cfm.matcher import ConditionalFlowMatcher
 from ot_cfm.models import MLP
-from ot_cfm.plotting import save_figure
-from ot_cfm.sampling import sample
-from ot_cfm.trainer import TrainConfig, Trainer
+from ot_cfm.solvers.ode import sample
+from ot_cfm.training import TrainConfig, Trainer
 from proximal.field import ExactVelocityField, field_error
 from proximal.semidiscrete import cell_masses, fit_discrete_potential
 

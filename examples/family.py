@@ -9,7 +9,7 @@ mean ± std over seeds:
 - the normalised path energy NPE = |E int |v|^2 dt - W2(x0, x1)^2| / W2(x0, x1)^2 of the dopri5 flow
   (0 for the optimal transport flow);
 - the negative log-likelihood of held-out target points, by the instantaneous change of variables
-  (``ot_cfm.likelihood.log_likelihood``, exact divergence) - meaningful for the straight and VP paths
+  (``ot_cfm.solvers.likelihood.log_likelihood``, exact divergence) - meaningful for the straight and VP paths
   whose flow starts at N(0, I); SB-CFM's flow is the probability-flow ODE of its bridge.
 
     python examples/family.py                     # 3 tasks x 5 methods x 3 seeds, writes runs/family/
@@ -28,11 +28,10 @@ from pathlib import Path
 
 import torch
 
-from ot_cfm.atomic import atomic_write
 from ot_cfm.couplers.exact import ExactOTCoupler
 from ot_cfm.data import toy_sampler
 from ot_cfm.evaluation import evaluate_samples
-from ot_cfm.likelihood import log_likelihood
+from ot_cfm.evaluation.plotting import save_figure
 from ot_cfm.matcher import (
     ConditionalFlowMatcher,
     SchrodingerBridgeConditionalFlowMatcher,
@@ -40,8 +39,9 @@ from ot_cfm.matcher import (
     VariancePreservingConditionalFlowMatcher,
 )
 from ot_cfm.models import MLP
-from ot_cfm.plotting import save_figure
-from ot_cfm.trainer import TrainConfig, Trainer
+from ot_cfm.solvers.likelihood import log_likelihood
+from ot_cfm.training import TrainConfig, Trainer
+from ot_cfm.utils.atomic import atomic_write
 
 #: task -> (source, target) toy names
 TASKS = {"N -> 8gaussians": ("gaussian", "8gaussians"), "N -> moons": ("gaussian", "moons"),

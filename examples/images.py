@@ -2,7 +2,7 @@
 
 Default: scikit-learn's 8x8 digits (embedded; 1000 images for training, the other 797 held out).
 Other data is read from local files only (``--data-path``; nothing is downloaded) by
-``ot_cfm.image_data``: MNIST's IDX files (optionally gzipped), CIFAR-10's binary or python batches
+``ot_cfm.images.datasets``: MNIST's IDX files (optionally gzipped), CIFAR-10's binary or python batches
 (their test split is held out), a .npy / .npz array file or a folder with one subfolder of images
 per class (a seeded share held out, ``--held-out-fraction``). Both methods train with the
 Trainer (EMA on, checkpoints under ``--out``, ``--resume`` continues them) from the same initial
@@ -32,13 +32,13 @@ from torch import nn
 from ot_cfm.couplers.exact import ExactOTCoupler
 from ot_cfm.couplers.independent import IndependentCoupler
 from ot_cfm.data import TensorSampler, gaussian_sampler
-from ot_cfm.image_data import ImageDataset, load_image_dataset
+from ot_cfm.evaluation.metrics import wasserstein2
+from ot_cfm.evaluation.plotting import save_figure
+from ot_cfm.images import ImageDataset, load_image_dataset
 from ot_cfm.matcher import ConditionalFlowMatcher
-from ot_cfm.metrics import wasserstein2
 from ot_cfm.models import MLP, unet
-from ot_cfm.plotting import save_figure
-from ot_cfm.sampling import sample
-from ot_cfm.trainer import TrainConfig, Trainer
+from ot_cfm.solvers.ode import sample
+from ot_cfm.training import TrainConfig, Trainer
 
 METHODS = {"OT-CFM": ExactOTCoupler, "I-CFM": IndependentCoupler}
 SOLVERS = {"euler-1": dict(solver="euler", steps=1), "euler-4": dict(solver="euler", steps=4),
@@ -50,7 +50,7 @@ WARMUP_STEPS = 100  # fixed, so that a run resumed with more steps keeps its con
 
 def load_images(name: str, data_path: Path | None, generator: torch.Generator, *,
                 held_out_fraction: float | None = None, image_size: int | None = None) -> ImageDataset:
-    """The dataset, read by ``ot_cfm.image_data`` (images (N, C, H, W) in [-1, 1], labels, a held-out split).
+    """The dataset, read by ``ot_cfm.images.datasets`` (images (N, C, H, W) in [-1, 1], labels, a held-out split).
 
     MNIST and CIFAR-10 hold out their test split; digits, arrays and folders a share drawn from
     ``generator`` (digits: 797 of 1797; others: ``held_out_fraction``, default 0.2).

@@ -28,16 +28,16 @@ from pathlib import Path
 
 import torch
 
-from ot_cfm.atomic import atomic_write
 from ot_cfm.couplers.exact import ExactOTCoupler
 from ot_cfm.couplers.sinkhorn import SinkhornCoupler
 from ot_cfm.data import TOY_DATASETS, toy_sampler
 from ot_cfm.evaluation import evaluate_samples
+from ot_cfm.evaluation.metrics import path_energy, wasserstein2
 from ot_cfm.matcher import OTConditionalFlowMatcher, SchrodingerBridgeConditionalFlowMatcher
-from ot_cfm.metrics import path_energy, wasserstein2
 from ot_cfm.models import MLP, FlowAndScore
-from ot_cfm.sde import sample_sde
-from ot_cfm.trainer import TrainConfig, Trainer
+from ot_cfm.solvers.sde import sample_sde
+from ot_cfm.training import TrainConfig, Trainer
+from ot_cfm.utils.atomic import atomic_write
 
 NFES = (1, 4)
 

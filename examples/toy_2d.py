@@ -23,10 +23,10 @@ from ot_cfm.couplers.exact import ExactOTCoupler
 from ot_cfm.couplers.independent import IndependentCoupler
 from ot_cfm.data import TOY_DATASETS, toy_sampler
 from ot_cfm.evaluation import evaluate_samples
+from ot_cfm.evaluation.plotting import draw_trajectories, save_figure
 from ot_cfm.matcher import ConditionalFlowMatcher
 from ot_cfm.models import MLP
-from ot_cfm.plotting import draw_trajectories, save_figure
-from ot_cfm.trainer import TrainConfig, Trainer
+from ot_cfm.training import TrainConfig, Trainer
 
 METHODS = {"OT-CFM": ExactOTCoupler, "I-CFM": IndependentCoupler}
 NFES = (1, 2, 4)

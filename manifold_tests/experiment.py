@@ -32,11 +32,11 @@ from manifold_tests.hyperbolicity import measure_hyperbolicity
 from manifold_tests.manifolds import MANIFOLD_NAMES, ProductManifold, manifold_by_name
 from manifold_tests.report import HyperbolicityReport
 from ot_cfm.couplers.exact import ExactOTCoupler
+from ot_cfm.evaluation.plotting import save_figure
 from ot_cfm.matcher import ConditionalFlowMatcher
 from ot_cfm.models import MLP
-from ot_cfm.parallelism import torch_threads
-from ot_cfm.plotting import save_figure
-from ot_cfm.trainer import TrainConfig, Trainer
+from ot_cfm.training import TrainConfig, Trainer
+from ot_cfm.utils.parallelism import torch_threads
 from proximal.discrete import DiscreteBrenierPotential
 from proximal.field import ExactVelocityField
 

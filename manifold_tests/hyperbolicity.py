@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from manifold_tests.manifolds import ProductManifold
 from manifold_tests.report import HyperbolicityReport
-from ot_cfm.validation import check_batch
+from ot_cfm.utils.validation import check_batch
 
 __all__ = ["measure_hyperbolicity", "jacobian_autograd", "jacobian_finite_difference"]
 

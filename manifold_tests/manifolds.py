@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ot_cfm.validation import check_batch
+from ot_cfm.utils.validation import check_batch
 from proximal.gaussian import GaussianPotential
 from proximal.point import PointPotential
 from proximal.product import ProductPotential

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ot_cfm.plotting import save_figure
+from ot_cfm.evaluation.plotting import save_figure
 
 __all__ = ["HyperbolicityReport"]
 

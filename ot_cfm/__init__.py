@@ -1,10 +1,16 @@
 """ot-cfm: minibatch optimal-transport conditional flow matching.
 
-Data flow: a coupler re-pairs noise x0 with data x1; the matcher draws t and builds x_t and
-u_t; the Trainer fits a model v(t, x); ``sample`` integrates v from noise to data (torchdyn).
+Data flow: a coupler (``couplers``) re-pairs noise x0 with data x1; the matcher (``matcher``, over the
+probability ``paths``) draws t and builds x_t and u_t; the ``Trainer`` (``training``) fits a model v(t, x)
+(``models``) on batches of ``data`` or ``images``; ``sample`` (``solvers``) integrates v from noise to data;
+``evaluation`` measures the result.
+
+The names below are the public API. The module attributes ``image_data``, ``image_metrics``, ``likelihood``,
+``metrics`` and ``sde`` are kept from the flat layout of earlier versions: they are the subpackage or module that
+now holds those names (``images``, ``images``, ``solvers.likelihood``, ``evaluation.metrics``, ``solvers.sde``).
 """
 
-from ot_cfm import data, image_data, image_metrics, likelihood, metrics, paths, sde
+from ot_cfm import couplers, data, evaluation, images, models, paths, solvers, training, utils
 from ot_cfm.couplers import (
     ClassConditionalCoupler,
     Coupler,
@@ -16,10 +22,9 @@ from ot_cfm.couplers import (
     SinkhornCoupler,
     UnbalancedCoupler,
 )
-from ot_cfm.distributed import COUPLING_MODES, DistributedContext, init_from_env
 from ot_cfm.evaluation import SampleQuality, evaluate_samples
-from ot_cfm.image_data import ImageDataset, load_image_dataset
-from ot_cfm.likelihood import LikelihoodResult, bits_per_dim, log_likelihood
+from ot_cfm.evaluation import metrics as metrics
+from ot_cfm.images import ImageDataset, load_image_dataset
 from ot_cfm.matcher import (
     ConditionalFlowMatcher,
     FlowSample,
@@ -31,9 +36,12 @@ from ot_cfm.matcher import (
 )
 from ot_cfm.models import MLP, FlowAndScore, UNet, guided_field, has_score, is_conditional, unet_for
 from ot_cfm.paths import BrownianBridgePath, ProbabilityPath, StraightPath, TargetPath, VariancePreservingPath
-from ot_cfm.sampling import IntegrationError, SampleResult, sample
-from ot_cfm.sde import sample_sde
-from ot_cfm.trainer import TrainConfig, Trainer, TrainResult
+from ot_cfm.solvers import IntegrationError, LikelihoodResult, SampleResult, bits_per_dim, log_likelihood, sample, sample_sde
+from ot_cfm.solvers import likelihood as likelihood
+from ot_cfm.solvers import sde as sde
+from ot_cfm.training import COUPLING_MODES, DistributedContext, TrainConfig, Trainer, TrainResult, init_from_env
+
+image_data = image_metrics = images  # the flat layout's module names (see the docstring)
 
 __version__ = "0.1.0"
 
@@ -48,5 +56,6 @@ __all__ = [
     "log_likelihood", "LikelihoodResult", "bits_per_dim",
     "Trainer", "TrainConfig", "TrainResult", "COUPLING_MODES", "DistributedContext", "init_from_env",
     "SampleQuality", "evaluate_samples", "ImageDataset", "load_image_dataset",
-    "data", "image_data", "image_metrics", "likelihood", "metrics", "paths", "sde",
+    "couplers", "data", "evaluation", "images", "models", "paths", "solvers", "training", "utils",
+    "image_data", "image_metrics", "likelihood", "metrics", "sde",
 ]

@@ -18,7 +18,7 @@ Score matching: for a model with a score head (``has_score(model)``, e.g. ``Flow
     E |sigma_t s(t, x_t) + eps|^2  =  E lambda(t)^2 |s~ + eps / lambda(t)|^2,   s~ = (sigma^2 / 2) s,
 
 which is torchcfm's score term with lambda(t) = 2 sigma_t / sigma^2: torchcfm's head learns s~, ours the
-score s = grad log p_t itself, so that the SDE dx = [v + sigma^2 / 2 s] dt + sigma dW (``ot_cfm.sde``)
+score s = grad log p_t itself, so that the SDE dx = [v + sigma^2 / 2 s] dt + sigma dW (``ot_cfm.solvers.sde``)
 takes the model's two outputs as they are.
 """
 
@@ -35,7 +35,7 @@ from ot_cfm.couplers.independent import IndependentCoupler
 from ot_cfm.couplers.sinkhorn import SinkhornCoupler
 from ot_cfm.models import drop_labels, has_score, is_conditional
 from ot_cfm.paths import BrownianBridgePath, ProbabilityPath, StraightPath, TargetPath, VariancePreservingPath
-from ot_cfm.validation import check_pair, check_time, expand_like
+from ot_cfm.utils.validation import check_pair, check_time, expand_like
 
 __all__ = ["FlowSample", "LossTerms", "ConditionalFlowMatcher", "OTConditionalFlowMatcher",
            "TargetConditionalFlowMatcher", "VariancePreservingConditionalFlowMatcher",
@@ -281,7 +281,7 @@ class SchrodingerBridgeConditionalFlowMatcher(ConditionalFlowMatcher):
     """Schrodinger-bridge CFM: the entropic OT coupling with epsilon = 2 sigma^2 (absolute cost units), the
     static Schrodinger bridge between the batches for Brownian motion of diffusion sigma, and
     ``BrownianBridgePath(sigma)`` between the pairs. Train a ``FlowAndScore`` model to get the score for
-    ``ot_cfm.sde.sample_sde``; as sigma -> 0 the pairs become those of exact OT (OT-CFM).
+    ``ot_cfm.solvers.sde.sample_sde``; as sigma -> 0 the pairs become those of exact OT (OT-CFM).
 
     Args:
         sigma: diffusion of the bridge, > 0.

@@ -30,7 +30,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from ot_cfm.validation import as_time_tensor, expand_like
+from ot_cfm.utils.validation import as_time_tensor, expand_like
 
 __all__ = ["ProbabilityPath", "StraightPath", "BrownianBridgePath", "TargetPath", "VariancePreservingPath", "PATHS"]
 

@@ -31,17 +31,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ot_cfm.atomic import atomic_write
-from ot_cfm.batches import DATA_STREAM
 from ot_cfm.couplers.exact import ExactOTCoupler
 from ot_cfm.couplers.semidiscrete import SemidiscreteCoupler
 from ot_cfm.couplers.sinkhorn import SinkhornCoupler
 from ot_cfm.data import TensorSampler, gaussian_sampler, load_digits, toy_sampler
 from ot_cfm.evaluation import evaluate_samples
+from ot_cfm.evaluation.plotting import save_figure
 from ot_cfm.matcher import ConditionalFlowMatcher
 from ot_cfm.models import MLP
-from ot_cfm.plotting import save_figure
-from ot_cfm.trainer import TrainConfig, Trainer
+from ot_cfm.training import TrainConfig, Trainer
+from ot_cfm.training.batches import DATA_STREAM
+from ot_cfm.utils.atomic import atomic_write
 from proximal.discrete import DiscreteBrenierPotential
 from proximal.field import field_error
 from proximal.gaussian import GaussianPotential

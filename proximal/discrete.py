@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-from ot_cfm.validation import check_batch
+from ot_cfm.utils.validation import check_batch
 from proximal.potential import BrenierPotential, time_to_go
 
 __all__ = ["DiscreteBrenierPotential"]

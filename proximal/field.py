@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ot_cfm.validation import as_time_tensor, check_batch, check_time
+from ot_cfm.utils.validation import as_time_tensor, check_batch, check_time
 from proximal.potential import BrenierPotential
 
 __all__ = ["ExactVelocityField", "FieldErrorReport", "field_error"]

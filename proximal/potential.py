@@ -21,7 +21,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from ot_cfm.validation import as_time_tensor, check_batch
+from ot_cfm.utils.validation import as_time_tensor, check_batch
 
 __all__ = ["BrenierPotential"]
 

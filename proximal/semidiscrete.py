@@ -67,7 +67,7 @@ from collections.abc import Callable
 
 import torch
 
-from ot_cfm.parallelism import available_cores, torch_threads
+from ot_cfm.utils.parallelism import available_cores, torch_threads
 from proximal.discrete import DiscreteBrenierPotential
 
 __all__ = ["FitReport", "fit_discrete_potential", "cell_masses"]

@@ -8,7 +8,7 @@ the sampling weights at several NFE (``--data``: against its held-out rows) and 
 checkpoint (``--data`` runs: in the file's units, undoing ``--standardize``).
 
 ``torchrun --nproc_per_node=N -m ot_cfm.cli train ...`` (or ``torchrun ... $(which ot-cfm) train ...``) trains
-toy and ``--data`` runs data-parallel (``ot_cfm.distributed``): ``--batch-size`` is the global batch,
+toy and ``--data`` runs data-parallel (``ot_cfm.training.distributed``): ``--batch-size`` is the global batch,
 ``--coupling-mode`` chooses one global coupling or one per process, rank 0 writes and evaluates.
 """
 
@@ -38,7 +38,7 @@ from ot_cfm.cli.common import (
 )
 from ot_cfm.cli.images import EVAL_CHUNK, IMAGE_EMA_DECAY, _sample_image_checkpoint, _train_images
 from ot_cfm.cli.toy import _sample_toy_checkpoint, _train_toy
-from ot_cfm.parallelism import auto_threads
+from ot_cfm.utils.parallelism import auto_threads
 
 __all__ = ["main", "build_parser"]
 
@@ -91,7 +91,7 @@ def cmd_sample(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The ``ot-cfm`` argument parser: the train, sample and experiment commands with their options."""
     from ot_cfm.data import TOY_DATASETS
-    from ot_cfm.image_data import IMAGE_DATASETS
+    from ot_cfm.images import IMAGE_DATASETS
     from ot_cfm.models import ACTIVATIONS
 
     parser = argparse.ArgumentParser(prog="ot-cfm", description="Minibatch OT conditional flow matching.")

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 
-from ot_cfm.atomic import atomic_write
 from ot_cfm.cli.common import (
     METRICS_JSON,
     TOY_DEFAULTS,
@@ -21,18 +20,19 @@ from ot_cfm.cli.common import (
     _make_coupler,
     _trained_on_other_rank,
 )
-from ot_cfm.parallelism import auto_threads, torch_threads
-from ot_cfm.plotting import plot_points_2d
-from ot_cfm.run_folder import claim_run_folder
+from ot_cfm.evaluation.plotting import plot_points_2d
+from ot_cfm.training.run_files import claim_run_folder
+from ot_cfm.utils.atomic import atomic_write
+from ot_cfm.utils.parallelism import auto_threads, torch_threads
 
 
 def _train_array(args) -> int:
     from ot_cfm.data import gaussian_sampler, load_array_dataset
     from ot_cfm.evaluation import evaluate_samples
+    from ot_cfm.evaluation.plotting import plot_flow_2d
     from ot_cfm.matcher import ConditionalFlowMatcher
     from ot_cfm.models import MLP, guided_field
-    from ot_cfm.plotting import plot_flow_2d
-    from ot_cfm.trainer import CHECKPOINT_NAME, TrainConfig, Trainer
+    from ot_cfm.training import CHECKPOINT_NAME, TrainConfig, Trainer
 
     clashing = [f"--{name}" for name in ("dataset", *TOY_DEFAULTS) if getattr(args, name) is not None]
     clashing += [flag for flag in _image_only_options(args) if flag not in ("--conditional", "--label-dropout",
@@ -108,7 +108,7 @@ def _first_two(x: torch.Tensor) -> torch.Tensor:
 def _sample_array_checkpoint(args, model, meta: dict) -> int:
     from ot_cfm.evaluation import model_device
     from ot_cfm.models import guided_field
-    from ot_cfm.sampling import sample
+    from ot_cfm.solvers.ode import sample
 
     conditional = bool(meta["conditional"])
     if args.guidance is not None and not conditional:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ot_cfm.checkpoint import read_checkpoint
+from ot_cfm.training.checkpoint import read_checkpoint
 
 COUPLERS = ("exact", "sinkhorn", "independent")
 PRECISION_CHOICES = ("fp32", "bf16", "fp16")
@@ -186,7 +186,7 @@ def resolve_device(name: str) -> torch.device:
 
 def _train_device(args) -> torch.device:
     """The device of a training run, with --precision checked against it (before any data is loaded)."""
-    from ot_cfm.trainer import check_precision
+    from ot_cfm.training import check_precision
 
     device = resolve_device(args.device)
     try:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 
-from ot_cfm.atomic import atomic_write
 from ot_cfm.cli.common import (
     METRICS_JSON,
     TOY_DEFAULTS,
@@ -20,9 +19,10 @@ from ot_cfm.cli.common import (
     _make_coupler,
     _trained_on_other_rank,
 )
-from ot_cfm.image_sampling import EVAL_CHUNK, GRID_COLUMNS, GRID_NFE, evaluate_image_model, sample_images, write_sample_grid
-from ot_cfm.parallelism import auto_threads, torch_threads
-from ot_cfm.run_folder import claim_run_folder
+from ot_cfm.images.sampling import EVAL_CHUNK, GRID_COLUMNS, GRID_NFE, evaluate_image_model, sample_images, write_sample_grid
+from ot_cfm.training.run_files import claim_run_folder
+from ot_cfm.utils.atomic import atomic_write
+from ot_cfm.utils.parallelism import auto_threads, torch_threads
 
 GRIDS_FOLDER = "grids"    # grids during training: grids/step_XXXXXX.png
 IMAGE_EMA_DECAY = 0.999   # --ema-decay of image runs when not given
@@ -47,11 +47,10 @@ def _image_table(rows: list[dict]) -> str:
 
 def _train_images(args) -> int:
     from ot_cfm.data import gaussian_sampler
-    from ot_cfm.image_data import load_image_dataset
-    from ot_cfm.image_metrics import ClassifierConfig, classifier_accuracy, load_or_train_classifier
+    from ot_cfm.images import ClassifierConfig, classifier_accuracy, load_image_dataset, load_or_train_classifier
     from ot_cfm.matcher import ConditionalFlowMatcher
     from ot_cfm.models import MLP, unet_for
-    from ot_cfm.trainer import CHECKPOINT_NAME, TrainConfig, Trainer
+    from ot_cfm.training import CHECKPOINT_NAME, TrainConfig, Trainer
 
     toy = [f"--{name}" for name in TOY_DEFAULTS if getattr(args, name) is not None]
     if toy:
@@ -143,7 +142,7 @@ def _class_rows(images: torch.Tensor, labels: torch.Tensor, num_classes: int) ->
 
 
 def _sample_image_checkpoint(args, model, meta: dict) -> int:
-    from ot_cfm.plotting import plot_image_grid
+    from ot_cfm.evaluation.plotting import plot_image_grid
 
     shape, conditional = tuple(meta["shape"]), bool(meta["conditional"])
     if args.guidance is not None and not conditional:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 
-from ot_cfm.atomic import atomic_write
 from ot_cfm.cli.common import (
     METRICS_JSON,
     _coupler_record,
@@ -18,8 +17,9 @@ from ot_cfm.cli.common import (
     _model_from_spec,
     _trained_on_other_rank,
 )
-from ot_cfm.parallelism import auto_threads, torch_threads
-from ot_cfm.run_folder import claim_run_folder
+from ot_cfm.training.run_files import claim_run_folder
+from ot_cfm.utils.atomic import atomic_write
+from ot_cfm.utils.parallelism import auto_threads, torch_threads
 
 PLOTTED_PATHS = 300       # trajectories drawn by `sample`'s 2D figure
 
@@ -27,9 +27,9 @@ PLOTTED_PATHS = 300       # trajectories drawn by `sample`'s 2D figure
 def _train_toy(args) -> int:
     from ot_cfm.data import toy_sampler
     from ot_cfm.evaluation import evaluate_samples
+    from ot_cfm.evaluation.plotting import plot_flow_2d
     from ot_cfm.matcher import ConditionalFlowMatcher
-    from ot_cfm.plotting import plot_flow_2d
-    from ot_cfm.trainer import CHECKPOINT_NAME, TrainConfig, Trainer
+    from ot_cfm.training import CHECKPOINT_NAME, TrainConfig, Trainer
 
     out = Path(args.out)
     torch.manual_seed(args.seed)  # model initialisation
@@ -76,8 +76,8 @@ def _train_toy(args) -> int:
 def _sample_toy_checkpoint(args, model, meta: dict) -> int:
     from ot_cfm.data import toy_sampler
     from ot_cfm.evaluation import model_device
-    from ot_cfm.plotting import plot_flow_2d
-    from ot_cfm.sampling import sample
+    from ot_cfm.evaluation.plotting import plot_flow_2d
+    from ot_cfm.solvers.ode import sample
 
     g = torch.Generator().manual_seed(args.seed)
     x0 = toy_sampler(meta["source"])(args.n, g)  # drawn on the CPU; sampled on the model's device

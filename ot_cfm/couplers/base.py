@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from ot_cfm.validation import check_pair
+from ot_cfm.utils.validation import check_pair
 
 __all__ = ["Coupler", "sample_rows", "centre_and_scale"]
 

@@ -41,7 +41,7 @@ import torch
 
 from ot_cfm.couplers.base import Coupler
 from ot_cfm.couplers.exact import ExactOTCoupler
-from ot_cfm.validation import check_labels, check_pair
+from ot_cfm.utils.validation import check_labels, check_pair
 
 __all__ = ["ClassConditionalCoupler"]
 

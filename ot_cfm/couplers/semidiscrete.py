@@ -12,7 +12,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from ot_cfm.couplers.base import Coupler
-from ot_cfm.validation import check_batch
+from ot_cfm.utils.validation import check_batch
 
 __all__ = ["SemidiscreteCoupler", "TransportMap", "DiscreteTransportMap"]
 

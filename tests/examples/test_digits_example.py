@@ -8,8 +8,8 @@ import pytest
 import torch
 from example_scripts import load_script
 
-from ot_cfm.image_data import load_image_dataset
-from ot_cfm.image_sampling import evaluation_noise
+from ot_cfm.images import load_image_dataset
+from ot_cfm.images.sampling import evaluation_noise
 from ot_cfm.models import unet_for
 
 

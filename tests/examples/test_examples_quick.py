@@ -72,7 +72,7 @@ def test_images_missing_files_name_what_is_expected(tmp_path):
 
 
 def test_images_reads_local_files_through_the_library(tmp_path):
-    """Each --dataset kind reaches ot_cfm.image_data; the readers themselves are tested in tests/ot_cfm."""
+    """Each --dataset kind reaches ot_cfm.images.datasets; the readers themselves are tested in tests/ot_cfm."""
     import gzip
     import pickle
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ot_cfm.batches import DATA_STREAM
+from ot_cfm.training.batches import DATA_STREAM
 from ot_cfm_experiments.batch_size import Cell, ExperimentConfig, fit_slopes, main, make_target, measure_cell, run_experiment
 
 

@@ -21,10 +21,10 @@ import torch
 
 from ot_cfm.couplers.exact import ExactOTCoupler
 from ot_cfm.data import toy_sampler
-from ot_cfm.distributed import GlobalBatches, LocalShards, distributed_batch_stream, init_from_env
 from ot_cfm.matcher import ConditionalFlowMatcher, SchrodingerBridgeConditionalFlowMatcher
 from ot_cfm.models import MLP, FlowAndScore
-from ot_cfm.trainer import TrainConfig, Trainer
+from ot_cfm.training import TrainConfig, Trainer
+from ot_cfm.training.distributed import GlobalBatches, LocalShards, distributed_batch_stream, init_from_env
 
 
 def make_trainer(options: dict, trainer_class=Trainer) -> Trainer:

@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from ot_cfm.atomic import atomic_write
+from ot_cfm.utils.atomic import atomic_write
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o077])

@@ -5,11 +5,11 @@ import pytest
 import torch
 from torch.utils.data import get_worker_info
 
-from ot_cfm.batches import CoupledBatches, batch_generator, coupled_batch_stream
 from ot_cfm.couplers.exact import ExactOTCoupler
 from ot_cfm.data import toy_sampler
 from ot_cfm.matcher import ConditionalFlowMatcher
-from ot_cfm.parallelism import available_cores
+from ot_cfm.training.batches import CoupledBatches, batch_generator, coupled_batch_stream
+from ot_cfm.utils.parallelism import available_cores
 
 
 def exact_batches(seed=0, size=64):

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from ot_cfm import atomic
-from ot_cfm.checkpoint import CHECKPOINT_KEYS, CheckpointError, read_checkpoint
 from ot_cfm.cli import main
 from ot_cfm.data import toy_sampler
 from ot_cfm.matcher import ConditionalFlowMatcher
 from ot_cfm.models import MLP
-from ot_cfm.trainer import CHECKPOINT_NAME, TrainConfig, Trainer
+from ot_cfm.training import CHECKPOINT_NAME, TrainConfig, Trainer
+from ot_cfm.training.checkpoint import CHECKPOINT_KEYS, CheckpointError, read_checkpoint
+from ot_cfm.utils import atomic
 
 
 class WritesAFile:

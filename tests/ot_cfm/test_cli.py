@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from ot_cfm.checkpoint import read_checkpoint
 from ot_cfm.cli import main
+from ot_cfm.training.checkpoint import read_checkpoint
 
 
 @pytest.mark.parametrize("command", [[], ["train"], ["sample"]])
@@ -50,7 +50,7 @@ def test_resume_with_other_configuration_is_a_clear_error(tmp_path, capsys):
 
 def test_pairs_with_replacement_reach_the_coupler_and_the_record(tmp_path, capsys, monkeypatch):
     """--pairs-with-replacement wraps the coupler in ResampledCoupler; a resume without it is another run."""
-    from ot_cfm.trainer import Trainer
+    from ot_cfm.training import Trainer
 
     couplers = []
     fit = Trainer.fit
@@ -126,7 +126,7 @@ def test_train_reports_the_parallelism_it_chose(tmp_path, capsys):
 
 
 def test_sample_from_a_checkpoint_with_a_nan_weight_ends_with_an_error(tmp_path, capsys):
-    from ot_cfm.checkpoint import read_checkpoint, write_checkpoint
+    from ot_cfm.training.checkpoint import read_checkpoint, write_checkpoint
 
     out = tmp_path / "run"
     assert main(["train", *SMALL, "--out", str(out)]) == 0
@@ -157,7 +157,7 @@ DIGITS = ["train", "--dataset", "digits", "--model", "mlp", "--width", "32", "--
 
 @pytest.fixture
 def classifier_cache(tmp_path, monkeypatch):
-    from ot_cfm.image_metrics import CLASSIFIER_CACHE_ENV
+    from ot_cfm.images import CLASSIFIER_CACHE_ENV
 
     monkeypatch.setenv(CLASSIFIER_CACHE_ENV, str(tmp_path / "classifiers"))
     return tmp_path / "classifiers"
@@ -166,15 +166,15 @@ def classifier_cache(tmp_path, monkeypatch):
 @pytest.fixture
 def grids(monkeypatch):
     """Records the arguments of every sample grid drawn."""
-    import ot_cfm.plotting
+    import ot_cfm.evaluation.plotting
 
-    drawn, original = [], ot_cfm.plotting.plot_image_grid
+    drawn, original = [], ot_cfm.evaluation.plotting.plot_image_grid
 
     def record(path, images, **kwargs):
         drawn.append({"path": path, "images": images, **kwargs})
         return original(path, images, **kwargs)
 
-    monkeypatch.setattr(ot_cfm.plotting, "plot_image_grid", record)
+    monkeypatch.setattr(ot_cfm.evaluation.plotting, "plot_image_grid", record)
     return drawn
 
 
@@ -243,7 +243,7 @@ def test_dataset_with_toy_options_is_refused_clearly(tmp_path, capsys):
 
 
 def test_inception_weights_add_the_fid_at_each_solver(tmp_path, classifier_cache, monkeypatch, capsys):
-    import ot_cfm.image_metrics as image_metrics
+    import ot_cfm.images as image_metrics
 
     weights = tmp_path / "inception.pth"
     assert main([*DIGITS, "--inception-weights", str(weights), "--out", str(tmp_path / "none")]) == 2
@@ -266,8 +266,8 @@ def test_inception_weights_add_the_fid_at_each_solver(tmp_path, classifier_cache
 
 
 def test_adaptive_solver_failure_leaves_null_metrics_and_says_why(tmp_path, classifier_cache, monkeypatch, capsys):
-    import ot_cfm.image_sampling as image_sampling
-    import ot_cfm.sampling as sampling
+    import ot_cfm.images.sampling as image_sampling
+    import ot_cfm.solvers.ode as sampling
 
     original = sampling.sample
 
@@ -289,7 +289,7 @@ def test_adaptive_solver_failure_leaves_null_metrics_and_says_why(tmp_path, clas
 def test_sample_reports_the_nfe_of_the_solve_not_of_the_plotted_paths(tmp_path, capsys):
     from ot_cfm.cli import _load_sampling_model
     from ot_cfm.data import toy_sampler
-    from ot_cfm.sampling import sample
+    from ot_cfm.solvers.ode import sample
 
     out = tmp_path / "run"
     assert main(["train", *SMALL, "--out", str(out)]) == 0
@@ -320,7 +320,7 @@ def write_table(tmp_path, n=120):
 def test_train_on_data_files_then_sample_in_the_files_units(tmp_path, capsys):
     from ot_cfm.cli import _load_sampling_model
     from ot_cfm.models import guided_field
-    from ot_cfm.sampling import sample
+    from ot_cfm.solvers.ode import sample
 
     x, _ = write_table(tmp_path)
     npy_run = tmp_path / "npy"

@@ -101,13 +101,13 @@ def test_bad_construction_and_unequal_sizes_are_refused():
 import os  # noqa: E402
 import signal  # noqa: E402
 
-from ot_cfm.batches import CoupledBatches, batch_generator, coupled_batch_stream  # noqa: E402
 from ot_cfm.data import TensorSampler, gaussian_sampler  # noqa: E402
-from ot_cfm.image_data import load_image_dataset  # noqa: E402
+from ot_cfm.images import load_image_dataset  # noqa: E402
 from ot_cfm.matcher import ConditionalFlowMatcher  # noqa: E402
 from ot_cfm.models import MLP, guided_field  # noqa: E402
-from ot_cfm.sampling import sample  # noqa: E402
-from ot_cfm.trainer import TrainConfig, Trainer  # noqa: E402
+from ot_cfm.solvers.ode import sample  # noqa: E402
+from ot_cfm.training import TrainConfig, Trainer  # noqa: E402
+from ot_cfm.training.batches import CoupledBatches, batch_generator, coupled_batch_stream  # noqa: E402
 
 _DIGITS = {}
 

@@ -8,13 +8,12 @@ import math
 import pytest
 import torch
 
-from ot_cfm import trainer as trainer_module
-from ot_cfm.batches import CoupledBatches, coupled_batch_stream, overlap_mode, to_device
 from ot_cfm.couplers.exact import ExactOTCoupler
 from ot_cfm.data import toy_sampler
 from ot_cfm.matcher import ConditionalFlowMatcher
 from ot_cfm.models import MLP
-from ot_cfm.trainer import CHECKPOINT_NAME, TrainConfig, Trainer, check_precision
+from ot_cfm.training import CHECKPOINT_NAME, TrainConfig, Trainer, check_precision, execution
+from ot_cfm.training.batches import CoupledBatches, coupled_batch_stream, overlap_mode, to_device
 
 
 def make_trainer(folder=None, **overrides):
@@ -82,7 +81,7 @@ def test_fp16_is_refused_on_the_cpu_and_unknown_precisions_everywhere():
 @pytest.mark.filterwarnings("error::UserWarning")  # a step skipped on inf gradients warns of nothing
 def test_fp16_loss_scaler_is_checkpointed_and_resume_is_exact(tmp_path, monkeypatch):
     # The fp16 path, run on the CPU (whose autocast supports float16) by lifting the refusal for this test.
-    monkeypatch.setattr(trainer_module, "_FP16_REFUSED_ON", frozenset())
+    monkeypatch.setattr(execution, "_FP16_REFUSED_ON", frozenset())
     full = make_trainer(tmp_path / "full", precision="fp16")
     full.fit()
     assert full.scaler is not None and full.scaler.get_scale() > 0

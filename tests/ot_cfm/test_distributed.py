@@ -13,13 +13,13 @@ import pytest
 import torch
 from distributed_worker import BASIC_RUNS, make_trainer
 
-from ot_cfm.batches import CoupledBatches
-from ot_cfm.checkpoint import read_checkpoint, write_checkpoint
 from ot_cfm.cli import main
 from ot_cfm.couplers.exact import ExactOTCoupler
 from ot_cfm.data import toy_sampler
-from ot_cfm.distributed import COUPLING_MODES, init_from_env, per_rank_batch
-from ot_cfm.trainer import CHECKPOINT_NAME, METRICS_NAME, TrainConfig
+from ot_cfm.training import CHECKPOINT_NAME, METRICS_NAME, TrainConfig
+from ot_cfm.training.batches import CoupledBatches
+from ot_cfm.training.checkpoint import read_checkpoint, write_checkpoint
+from ot_cfm.training.distributed import COUPLING_MODES, init_from_env, per_rank_batch
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 WORLD = 2

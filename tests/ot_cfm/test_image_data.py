@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ot_cfm.image_data import (
+from ot_cfm.images import (
     CIFAR10_CLASSES,
     ImageDataset,
     load_image_dataset,

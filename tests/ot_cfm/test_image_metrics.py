@@ -10,19 +10,21 @@ import pytest
 import scipy.linalg
 import torch
 
-from ot_cfm import image_metrics
-from ot_cfm.image_data import load_image_dataset
-from ot_cfm.image_metrics import (
+from ot_cfm.images import (
     ClassifierConfig,
     classifier_accuracy,
     classifier_cache_path,
     evaluate_images,
+    frechet,
     frechet_distance,
     frechet_distance_from_moments,
     inception_fid,
+    load_image_dataset,
     load_or_train_classifier,
+    memorisation,
     train_classifier,
 )
+from ot_cfm.images import classifier as classifier_module
 
 FAST = ClassifierConfig(steps=400)
 
@@ -132,9 +134,9 @@ def test_classifier_cache_loads_instead_of_training_and_retrains_a_corrupt_file(
     images, labels = digits.train_images[:200], digits.train_labels[:200]
     config = ClassifierConfig(steps=10)
     calls = []
-    real_train = image_metrics.train_classifier
-    monkeypatch.setattr(image_metrics, "train_classifier", lambda *a, **k: calls.append(1) or real_train(*a, **k))
-    monkeypatch.setenv(image_metrics.CLASSIFIER_CACHE_ENV, str(tmp_path))  # the environment picks the folder
+    real_train = classifier_module.train_classifier
+    monkeypatch.setattr(classifier_module, "train_classifier", lambda *a, **k: calls.append(1) or real_train(*a, **k))
+    monkeypatch.setenv(classifier_module.CLASSIFIER_CACHE_ENV, str(tmp_path))  # the environment picks the folder
 
     first = load_or_train_classifier(images, labels, num_classes=10, config=config)
     path = classifier_cache_path(images, labels, num_classes=10, config=config)
@@ -223,7 +225,7 @@ def test_inception_weights_file_errors(tmp_path, monkeypatch):
         inception_fid(x, x, inception_weights=pickled)
     # the right entries, but torch-fidelity cannot be imported: an ImportError saying what to install
     right = tmp_path / "right.pth"
-    torch.save({k: torch.zeros(s) for k, s in image_metrics._INCEPTION_KEYS.items()}, right)
+    torch.save({k: torch.zeros(s) for k, s in frechet._INCEPTION_KEYS.items()}, right)
     monkeypatch.setitem(sys.modules, "torch_fidelity", None)
     with pytest.raises(ImportError, match="pip install torch-fidelity"):
         inception_fid(x, x, inception_weights=right)
@@ -242,7 +244,7 @@ def test_inception_fid_with_weights_the_test_creates(tmp_path, monkeypatch):
         random_net = extractor_class("test", ["2048"])
     weights = tmp_path / "inception.pth"
     torch.save(random_net.state_dict(), weights)
-    loaded = image_metrics._inception_extractor(weights, torch.device("cpu"))
+    loaded = frechet._inception_extractor(weights, torch.device("cpu"))
     assert loaded.features_list == ["2048"]
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in random_net.state_dict().items())
     g = torch.Generator().manual_seed(0)
@@ -273,7 +275,7 @@ def test_memorisation_distances_match_a_brute_force_loop(chunk_size):
     train = torch.rand(60, 1, 4, 4, generator=g) * 2 - 1
     samples = torch.cat([torch.rand(25, 1, 4, 4, generator=g) * 2 - 1,
                          train[[3, 17]] + 0.01 * torch.randn(2, 1, 4, 4, generator=g)])
-    result = image_metrics.memorisation_distances(samples, train, chunk_size=chunk_size)
+    result = memorisation.memorisation_distances(samples, train, chunk_size=chunk_size)
     distance, index = _brute_force_nearest(samples, train)
     assert torch.equal(result.index, index)
     torch.testing.assert_close(result.distance, distance, rtol=1e-12, atol=1e-12)
@@ -293,7 +295,7 @@ def test_copies_of_training_images_have_distance_and_ratio_zero_even_far_from_th
     sign = torch.arange(40, dtype=torch.float64).remainder(2).mul(2).sub(1).view(40, 1, 1)
     train = (1e4 * sign + torch.rand(40, 8, 8, generator=g, dtype=torch.float64)).unsqueeze(1)
     samples = torch.cat([train[[5, 0, 39]], train[[9]] + 1e-7])
-    result = image_metrics.memorisation_distances(samples, train, chunk_size=3)
+    result = memorisation.memorisation_distances(samples, train, chunk_size=3)
     assert result.index.tolist() == [5, 0, 39, 9]
     assert result.distance[:3].tolist() == [0.0, 0.0, 0.0] and result.ratio[:3].tolist() == [0.0, 0.0, 0.0]
     assert float(result.distance[3]) == pytest.approx(float((samples[3] - train[9]).norm()), rel=1e-12)  # ~8e-7
@@ -303,7 +305,7 @@ def test_copies_of_training_images_have_distance_and_ratio_zero_even_far_from_th
 
 def test_duplicated_training_images_give_ratio_zero_for_copies_and_inf_otherwise():
     train = torch.tensor([[0.0, 0.0], [0.0, 0.0], [3.0, 4.0]])
-    result = image_metrics.memorisation_distances(torch.tensor([[0.0, 0.0], [0.6, 0.8], [3.0, 4.0]]), train)
+    result = memorisation.memorisation_distances(torch.tensor([[0.0, 0.0], [0.6, 0.8], [3.0, 4.0]]), train)
     assert result.distance.tolist() == pytest.approx([0.0, 1.0, 0.0])
     assert result.neighbour_distance.tolist() == pytest.approx([0.0, 0.0, 5.0])
     assert result.ratio.tolist() == [0.0, float("inf"), 0.0]
@@ -312,10 +314,10 @@ def test_duplicated_training_images_give_ratio_zero_for_copies_and_inf_otherwise
 def test_memorisation_distances_reject_bad_inputs():
     train = torch.zeros(5, 1, 8, 8)
     with pytest.raises(ValueError, match=r"per-sample shape \(1, 4, 4\) and train \(1, 8, 8\)"):
-        image_metrics.memorisation_distances(torch.zeros(2, 1, 4, 4), train)
+        memorisation.memorisation_distances(torch.zeros(2, 1, 4, 4), train)
     with pytest.raises(ValueError, match="train holds 1 image; expected at least 2"):
-        image_metrics.memorisation_distances(torch.zeros(2, 1, 8, 8), train[:1])
+        memorisation.memorisation_distances(torch.zeros(2, 1, 8, 8), train[:1])
     with pytest.raises(ValueError, match="samples contains NaN"):
-        image_metrics.memorisation_distances(torch.full((2, 1, 8, 8), float("nan")), train)
+        memorisation.memorisation_distances(torch.full((2, 1, 8, 8), float("nan")), train)
     with pytest.raises(ValueError, match="chunk_size must be a positive integer, got 0"):
-        image_metrics.memorisation_distances(train, train, chunk_size=0)
+        memorisation.memorisation_distances(train, train, chunk_size=0)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.distributions import MultivariateNormal
 
-from ot_cfm.likelihood import EXACT_DIVERGENCE_MAX_DIM, bits_per_dim, divergence, draw_probes, log_likelihood
+from ot_cfm.solvers.likelihood import EXACT_DIVERGENCE_MAX_DIM, bits_per_dim, divergence, draw_probes, log_likelihood
 from proximal import ExactVelocityField, GaussianPotential
 
 

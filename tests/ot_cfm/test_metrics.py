@@ -7,7 +7,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torchcfm.optimal_transport import wasserstein as torchcfm_wasserstein
 
-from ot_cfm.metrics import normalized_path_energy, path_energy, wasserstein, wasserstein2
+from ot_cfm.evaluation.metrics import normalized_path_energy, path_energy, wasserstein, wasserstein2
 
 
 def test_w2_of_a_translation_is_the_shift_length():

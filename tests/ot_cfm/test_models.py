@@ -17,7 +17,7 @@ from ot_cfm.models import (
     unet,
     unet_for,
 )
-from ot_cfm.sampling import sample
+from ot_cfm.solvers.ode import sample
 
 # the smallest UNet widths torchcfm allows (GroupNorm with 32 groups), so forward passes stay fast
 TINY = {"digits": dict(channels=32), "mnist": dict(channels=32, channel_mult=(1, 2)),

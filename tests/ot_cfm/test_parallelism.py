@@ -3,8 +3,6 @@
 import pytest
 import torch
 
-from ot_cfm import parallelism
-from ot_cfm.batches import CoupledBatches
 from ot_cfm.couplers.conditional import ClassConditionalCoupler
 from ot_cfm.couplers.exact import ExactOTCoupler
 from ot_cfm.couplers.independent import IndependentCoupler
@@ -12,7 +10,9 @@ from ot_cfm.couplers.sinkhorn import SinkhornCoupler
 from ot_cfm.data import toy_sampler
 from ot_cfm.matcher import ConditionalFlowMatcher
 from ot_cfm.models import MLP
-from ot_cfm.parallelism import auto_threads, auto_workers, torch_threads
+from ot_cfm.training.batches import CoupledBatches
+from ot_cfm.utils import parallelism
+from ot_cfm.utils.parallelism import auto_threads, auto_workers, torch_threads
 
 
 def batches(coupler, source=None):

@@ -5,7 +5,7 @@ import matplotlib.pyplot as plt
 import pytest
 from matplotlib.text import Text
 
-from ot_cfm.plotting import IncompleteFigureWarning, figure_problems, save_figure
+from ot_cfm.evaluation.plotting import IncompleteFigureWarning, figure_problems, save_figure
 
 
 def test_save_figure_writes_png_into_new_folder_and_closes(tmp_path):
@@ -23,7 +23,7 @@ def test_image_mosaic_places_each_image_in_its_tile():
     import pytest
     import torch
 
-    from ot_cfm.plotting import image_mosaic
+    from ot_cfm.evaluation.plotting import image_mosaic
 
     images = torch.full((5, 1, 2, 3), -1.0)
     images[3] = 1.0  # second row, first column
@@ -40,7 +40,7 @@ def test_image_grid_has_title_and_row_labels_inside_the_figure(tmp_path):
     import pytest
     import torch
 
-    from ot_cfm.plotting import plot_image_grid
+    from ot_cfm.evaluation.plotting import plot_image_grid
 
     images = torch.rand(10 * 8, 1, 8, 8) * 2 - 1
     captured = {}

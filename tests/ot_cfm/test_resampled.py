@@ -17,7 +17,7 @@ from ot_cfm.couplers import (
 )
 from ot_cfm.matcher import ConditionalFlowMatcher
 from ot_cfm.models import MLP
-from ot_cfm.trainer import TrainConfig, Trainer
+from ot_cfm.training import TrainConfig, Trainer
 from proximal.discrete import DiscreteBrenierPotential
 
 

@@ -9,17 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from ot_cfm.checkpoint import read_checkpoint
 from ot_cfm.cli import main
 from ot_cfm.data import toy_sampler
 from ot_cfm.matcher import ConditionalFlowMatcher
 from ot_cfm.models import MLP
-from ot_cfm.run_folder import LOCK_NAME, RunFolderInUseError, claim_run_folder
-from ot_cfm.trainer import CHECKPOINT_NAME, TrainConfig, Trainer
+from ot_cfm.training import CHECKPOINT_NAME, TrainConfig, Trainer
+from ot_cfm.training.checkpoint import read_checkpoint
+from ot_cfm.training.run_files import LOCK_NAME, RunFolderInUseError, claim_run_folder
 
 HOLD = """
 import sys, time
-from ot_cfm.run_folder import claim_run_folder
+from ot_cfm.training.run_files import claim_run_folder
 with claim_run_folder(sys.argv[1]):
     print("holding", flush=True)
     time.sleep(600)

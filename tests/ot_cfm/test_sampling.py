@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from ot_cfm.sampling import ADAPTIVE_SOLVERS, DEFAULT_MAX_NFE, FIXED_STEP_SOLVERS, IntegrationError, sample
+from ot_cfm.solvers.ode import ADAPTIVE_SOLVERS, DEFAULT_MAX_NFE, FIXED_STEP_SOLVERS, IntegrationError, sample
 
 
 def test_constant_field_is_exact_for_every_solver():

@@ -12,9 +12,9 @@ from ot_cfm.couplers.sinkhorn import SinkhornCoupler
 from ot_cfm.matcher import ConditionalFlowMatcher, SchrodingerBridgeConditionalFlowMatcher
 from ot_cfm.models import MLP, FlowAndScore, has_score, model_from_config
 from ot_cfm.paths import BrownianBridgePath
-from ot_cfm.sampling import sample
-from ot_cfm.sde import sample_sde
-from ot_cfm.trainer import TrainConfig, Trainer
+from ot_cfm.solvers.ode import sample
+from ot_cfm.solvers.sde import sample_sde
+from ot_cfm.training import TrainConfig, Trainer
 
 
 def test_default_coupler_is_sinkhorn_with_epsilon_two_sigma_squared_absolute():

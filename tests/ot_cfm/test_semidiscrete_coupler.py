@@ -94,5 +94,5 @@ def test_bad_input_raises():
 
 
 def test_proximal_imports_first_without_a_cycle():
-    """proximal imports ot_cfm.validation, whose package imports this coupler: it must not need proximal at import."""
+    """proximal imports ot_cfm.utils.validation, whose package imports this coupler: it must not need proximal at import."""
     subprocess.run([sys.executable, "-c", "import proximal.discrete"], check=True, capture_output=True)

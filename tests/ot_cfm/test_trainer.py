@@ -11,7 +11,7 @@ from ot_cfm.couplers.sinkhorn import SinkhornCoupler
 from ot_cfm.data import toy_sampler
 from ot_cfm.matcher import ConditionalFlowMatcher
 from ot_cfm.models import MLP
-from ot_cfm.trainer import CHECKPOINT_NAME, METRICS_NAME, TrainConfig, Trainer
+from ot_cfm.training import CHECKPOINT_NAME, METRICS_NAME, TrainConfig, Trainer
 
 
 def make_trainer(folder, target=None, **overrides):
@@ -263,7 +263,7 @@ def test_threads_are_set_during_fit_restored_after_and_reported(tmp_path):
 
 
 def test_automatic_workers_follow_the_coupler(tmp_path):
-    from ot_cfm.parallelism import available_cores
+    from ot_cfm.utils.parallelism import available_cores
     assert make_trainer(tmp_path / "independent", steps=2).fit().workers == 0
     exact = exact_trainer(tmp_path / "exact", steps=2).fit()
     assert exact.workers == (min(max(2, available_cores() - 1), available_cores(), 8) if available_cores() >= 2 else 0)

@@ -55,7 +55,7 @@ def test_euler_from_zero_lands_on_the_transport_map(name, steps):
 
 @pytest.mark.parametrize("name", ["gaussian", "discrete"])
 def test_lead_sampler_with_the_exact_field(name):
-    sampling = pytest.importorskip("ot_cfm.sampling")
+    sampling = pytest.importorskip("ot_cfm.solvers.ode")
     potential = POTENTIALS[name]()
     x0 = torch.randn(200, 3, generator=torch.Generator().manual_seed(2), dtype=F64)
     for solver, steps in (("euler", 1), ("euler", 4), ("midpoint", 3)):  # neither evaluates t = 1

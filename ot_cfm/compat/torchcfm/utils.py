@@ -13,7 +13,7 @@ import math
 import torch
 from torchdyn.datasets import generate_moons
 
-from ot_cfm.plotting import draw_trajectories
+from ot_cfm.evaluation.plotting import draw_trajectories
 
 __all__ = ["eight_normal_sample", "sample_moons", "sample_8gaussians", "torch_wrapper", "plot_trajectories"]
 

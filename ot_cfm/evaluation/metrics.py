@@ -10,7 +10,7 @@ import torch
 
 from ot_cfm.couplers.base import centre_and_scale
 from ot_cfm.couplers.network_simplex import certificate_tolerance, certify
-from ot_cfm.validation import check_batch, check_pair
+from ot_cfm.utils.validation import check_batch, check_pair
 
 __all__ = ["wasserstein", "wasserstein2", "path_energy", "normalized_path_energy"]
 

@@ -16,8 +16,8 @@ import math
 
 import torch
 
-from ot_cfm.sampling import IntegrationError, SampleResult
-from ot_cfm.validation import check_batch
+from ot_cfm.solvers.ode import IntegrationError, SampleResult
+from ot_cfm.utils.validation import check_batch
 
 __all__ = ["SDE_SOLVERS", "sample_sde"]
 
@@ -93,7 +93,7 @@ def sample_sde(field, score, x0: torch.Tensor, *, sigma: float, steps: int, gene
     t0, t1 = float(t_span[0]), float(t_span[1])
     if not (math.isfinite(t0) and math.isfinite(t1) and t0 < t1):
         raise ValueError(f"t_span must be two finite times t0 < t1, got {t_span}")
-    import torchsde  # lazy, as torchdyn in ot_cfm.sampling: importing it takes a second
+    import torchsde  # lazy, as torchdyn in ot_cfm.solvers.ode: importing it takes a second
 
     flat = x0.reshape(x0.shape[0], -1)
     entropy = int(torch.randint(0, 2**62, (), generator=generator, device=generator.device))

@@ -6,7 +6,7 @@ gloo for a model on the CPU, nccl on CUDA), wraps the model in ``DistributedData
 share of each global batch. ``TrainConfig.batch_size`` is the GLOBAL batch B: rank r trains on its rows
 ``r B / W .. (r + 1) B / W`` of step k's coupled batch (W the world size; B must divide by W).
 
-Batch k is a pure function of (seed, k) (``ot_cfm.batches``), so every rank draws the whole global batch
+Batch k is a pure function of (seed, k) (``ot_cfm.training.batches``), so every rank draws the whole global batch
 (B points of each side: cheap next to a coupling) and the two coupling modes differ only in what is solved:
 
 - ``"global"``: one coupling of the whole global batch, the pairs one process would train on. Step k's problem
@@ -34,8 +34,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
 
-from ot_cfm.batches import _check_labelled, batch_generator, coupled_batch_stream
-from ot_cfm.validation import check_pair
+from ot_cfm.training.batches import _check_labelled, batch_generator, coupled_batch_stream
+from ot_cfm.utils.validation import check_pair
 
 __all__ = ["COUPLING_MODES", "TORCHRUN_VARIABLES", "DistributedContext", "init_from_env", "per_rank_batch",
            "GlobalBatches", "LocalShards", "distributed_batch_stream", "run_agreed", "all_agree"]

@@ -25,14 +25,14 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ot_cfm.parallelism import available_cores
-from ot_cfm.validation import check_labels
+from ot_cfm.utils.parallelism import available_cores
+from ot_cfm.utils.validation import check_labels
 
 __all__ = ["DATA_STREAM", "batch_generator", "CoupledBatches", "coupled_batch_stream", "overlap_mode", "to_device"]
 
 #: names how batch k is drawn; results stored with another name (checkpoints, cached experiment cells) were
 #: trained on other data and are refused or recomputed
-DATA_STREAM = "ot_cfm.batches.batch_generator(seed, step)"
+DATA_STREAM = "ot_cfm.training.batches.batch_generator(seed, step)"
 _MASK64 = (1 << 64) - 1
 
 

@@ -5,7 +5,7 @@ A field v(t, x) that carries the source p0 at t = 0 to p1 at t = 1 gives, along 
     log p1(x(1)) = log p0(x(0)) - int_0^1 div v(t, x(t)) dt.
 
 ``log_likelihood`` integrates from the data x at t1 back to t0 in the reversed time s = t1 - t, forward,
-with ``ot_cfm.sampling.sample`` (torchdyn's functional ``odeint`` and the sampler's guards: a non-finite
+with ``ot_cfm.solvers.ode.sample`` (torchdyn's functional ``odeint`` and the sampler's guards: a non-finite
 state or field value, a collapsed step or too many evaluations raise ``IntegrationError``):
 
     dx/ds = -v(t1 - s, x),   dl/ds = -div v(t1 - s, x),   x(0) = data, l(0) = 0,
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ot_cfm.sampling import sample
-from ot_cfm.validation import check_batch
+from ot_cfm.solvers.ode import sample
+from ot_cfm.utils.validation import check_batch
 
 __all__ = ["LikelihoodResult", "log_likelihood", "divergence", "draw_probes", "bits_per_dim",
            "EXACT_DIVERGENCE_MAX_DIM", "PIXEL_BIN_WIDTH"]
@@ -37,7 +37,7 @@ __all__ = ["LikelihoodResult", "log_likelihood", "divergence", "draw_probes", "b
 #: default ``MLP(dim)`` at B = 256 on one CPU thread, medians of 15 calls, exact / one-probe Hutchinson:
 #: 1.4x at D = 2, 3.0x at 8, 12x at 16, 34x at 64
 EXACT_DIVERGENCE_MAX_DIM = 8
-#: the distance between adjacent 8-bit levels in [-1, 1] images (x = v / 127.5 - 1, ``ot_cfm.image_data``)
+#: the distance between adjacent 8-bit levels in [-1, 1] images (x = v / 127.5 - 1, ``ot_cfm.images.datasets``)
 PIXEL_BIN_WIDTH = 2.0 / 255.0
 _PROBES = ("rademacher", "gaussian")
 _METHODS = ("auto", "exact", "hutchinson")
@@ -125,7 +125,7 @@ def log_likelihood(field, x: torch.Tensor, *, source=None, divergence: str = "au
         divergence: "exact", "hutchinson", or "auto": exact up to ``EXACT_DIVERGENCE_MAX_DIM`` dimensions.
         num_probes, probe, generator: Hutchinson's probes per sample ("rademacher" or "gaussian"), drawn once
             with ``generator`` (the same seed gives the same estimate).
-        solver, steps, atol, rtol, max_nfe: as ``ot_cfm.sampling.sample``.
+        solver, steps, atol, rtol, max_nfe: as ``ot_cfm.solvers.ode.sample``.
         t_span: (t0, t1): source and data times. A field without a value at t = 1 (the exact field of
             ``proximal``) can be integrated from t1 < 1: the result is then log p_{t1}(x).
 
@@ -165,7 +165,7 @@ def bits_per_dim(log_likelihood: torch.Tensor, dim: int, *, bin_width: float = P
         bpd = -(log p(x) + D log(bin_width)) / (D log 2),
 
     the probability of a cell of side ``bin_width`` taken as p(x) bin_width^D. For 8-bit images scaled to
-    [-1, 1] as x = v / 127.5 - 1 (``ot_cfm.image_data``) adjacent levels lie 2/255 apart (the default), which adds
+    [-1, 1] as x = v / 127.5 - 1 (``ot_cfm.images.datasets``) adjacent levels lie 2/255 apart (the default), which adds
     log2(127.5) = 6.994 bits to -log2 p(x) / D (7 for the x = (v + u) / 128 - 1 convention: pass 1/128).
     Evaluated at x + bin_width u with u ~ U[0, 1)^D (uniform dequantisation), its mean bounds the discrete
     model's bits per dimension from above."""

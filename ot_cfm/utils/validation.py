@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_batch", "check_pair", "check_labels", "check_time", "expand_like", "as_time_tensor"]
+__all__ = ["check_batch", "check_pair", "check_labels", "check_time", "expand_like", "as_time_tensor", "check_images",
+           "check_int64_labels"]
 
 
 def check_batch(x: torch.Tensor, name: str = "x", *, min_ndim: int = 2) -> torch.Tensor:
@@ -87,3 +88,21 @@ def check_time(t: float | torch.Tensor, like: torch.Tensor, *, low: float = 0.0,
 def expand_like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Reshape a (B,) tensor to (B, 1, ..., 1) so that it broadcasts against x of shape (B, *shape)."""
     return t.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def check_images(images: torch.Tensor, name: str, shape: tuple | None = None) -> None:
+    """ValueError unless ``images`` is a non-empty finite float batch (N, C, H, W), of ``shape`` per image when given."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] == 0:
+        desc = f"shape {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"{name}: {desc}; expected a non-empty batch of images (N, C, H, W)")
+    if not images.is_floating_point() or not torch.isfinite(images).all():
+        raise ValueError(f"{name}: expected finite floating-point images (dtype {images.dtype})")
+    if shape is not None and tuple(images.shape[1:]) != tuple(shape):
+        raise ValueError(f"{name}: images of shape {tuple(images.shape[1:])}; expected {tuple(shape)}")
+
+
+def check_int64_labels(labels: torch.Tensor, n: int, num_classes: int | None, name: str) -> None:
+    """``check_labels``, and int64 (the classifier's loss and comparisons take int64 class indices)."""
+    check_labels(labels, n, name, num_classes=num_classes)
+    if labels.dtype != torch.int64:
+        raise ValueError(f"{name} has dtype {labels.dtype}; expected int64 class indices (labels.long())")

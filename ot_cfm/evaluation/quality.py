@@ -7,8 +7,8 @@ from dataclasses import field as dataclass_field
 
 import torch
 
-from ot_cfm.metrics import normalized_path_energy, wasserstein2
-from ot_cfm.sampling import sample
+from ot_cfm.evaluation.metrics import normalized_path_energy, wasserstein2
+from ot_cfm.solvers.ode import sample
 
 __all__ = ["SampleQuality", "evaluate_samples", "model_device"]
 

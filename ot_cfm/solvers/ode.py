@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ot_cfm.validation import check_batch
+from ot_cfm.utils.validation import check_batch
 
 __all__ = ["SampleResult", "IntegrationError", "sample", "FIXED_STEP_SOLVERS", "ADAPTIVE_SOLVERS",
            "DEFAULT_MAX_NFE"]

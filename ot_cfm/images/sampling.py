@@ -8,11 +8,13 @@ from pathlib import Path
 
 import torch
 
-from ot_cfm import image_metrics, plotting
 from ot_cfm.evaluation import model_device
-from ot_cfm.metrics import wasserstein2
+from ot_cfm.evaluation.metrics import wasserstein2
+from ot_cfm.evaluation.plotting import plot_image_grid
+from ot_cfm.images.frechet import inception_fid
+from ot_cfm.images.quality import evaluate_images
 from ot_cfm.models import guided_field
-from ot_cfm.sampling import IntegrationError, sample
+from ot_cfm.solvers.ode import IntegrationError, sample
 
 __all__ = ["IMAGE_EULER_NFES", "GRID_COLUMNS", "GRID_NFE", "EVAL_CHUNK", "PIXEL_W2_POINTS", "sample_images",
            "grid_noise", "evaluation_noise", "write_sample_grid", "evaluate_image_model"]
@@ -58,7 +60,7 @@ def write_sample_grid(path: str | Path, model, shape: tuple, num_classes: int | 
         images, nfe = sample_images(model, x0, labels, guidance, solver="euler", steps=GRID_NFE)
     rows = None if num_classes is None else [class_names[k] for k in range(num_classes)]
     suffix = "" if num_classes is None else f", guidance {guidance:g}, one row per class"
-    return plotting.plot_image_grid(path, images, columns=GRID_COLUMNS, row_labels=rows,
+    return plot_image_grid(path, images, columns=GRID_COLUMNS, row_labels=rows,
                            title=f"{title}, Euler NFE {nfe:g}{suffix}")
 
 
@@ -71,7 +73,7 @@ def evaluate_image_model(model, data, classifier, *, n: int, conditional: bool, 
                          adaptive: bool = True, euler_nfes=IMAGE_EULER_NFES,
                          inception_weights: str | None = None) -> tuple[dict, list[dict]]:
     """Image metrics of ``model`` at each solver setting (Euler at ``euler_nfes``, then dopri5), on fixed noise
-    (``seed``) against ``data.held_out_images`` (an ``ImageDataset``): ``image_metrics.evaluate_images`` with
+    (``seed``) against ``data.held_out_images`` (an ``ImageDataset``): ``evaluate_images`` with
     ``classifier``, pixel W2 and, with ``inception_weights``, the Inception FID.
 
     Returns (metrics keyed "<metric>/<solver>", one table row per solver). Conditional samples request the
@@ -92,11 +94,11 @@ def evaluate_image_model(model, data, classifier, *, n: int, conditional: bool, 
             warnings.warn(f"{name}: no samples ({err}); its metrics are null", RuntimeWarning, stacklevel=2)
             metrics.update({f"frechet_distance/{name}": None, f"nfe/{name}": None})
             continue
-        quality = image_metrics.evaluate_images(images, held_out, classifier, requested_labels=labels)
+        quality = evaluate_images(images, held_out, classifier, requested_labels=labels)
         w2 = wasserstein2(images[:PIXEL_W2_POINTS], held_out[:PIXEL_W2_POINTS])
         row = {"nfe": float(nfe), "w2": w2, **quality.as_dict()}
         if inception_weights is not None:
-            row["fid"] = image_metrics.inception_fid(images, held_out, inception_weights=inception_weights).value
+            row["fid"] = inception_fid(images, held_out, inception_weights=inception_weights).value
         metrics.update({f"{k}/{name}": v for k, v in row.items()})
         rows.append({"solver": name, **row})
     return metrics, rows

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ot_cfm.atomic import atomic_write
+from ot_cfm.utils.atomic import atomic_write
 
 __all__ = ["CheckpointError", "CHECKPOINT_KEYS", "read_checkpoint", "write_checkpoint", "check_storable"]
 
