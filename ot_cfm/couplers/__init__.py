@@ -1,4 +1,14 @@
-"""Minibatch couplers: re-pair a noise batch with a data batch before flow matching."""
+"""Minibatch couplers: re-pair a noise batch x0 (B0, ...) with a data batch x1 (B1, ...) before flow matching.
+
+- ``base``: ``Coupler``, the interface (``pair``, ``indices``, ``plan``), on the input's device and dtype.
+- ``exact``: ``ExactOTCoupler``, exact OT for the squared Euclidean cost (scipy, POT, or the certified
+  ``multiscale`` network simplex of ``network_simplex``).
+- ``sinkhorn``: ``SinkhornCoupler``, log-domain entropic OT in torch. ``unbalanced``: ``UnbalancedCoupler`` and
+  ``PartialCoupler``, plans that may drop mass.
+- ``independent``: ``IndependentCoupler`` (I-CFM's pairing). ``semidiscrete``: ``SemidiscreteCoupler``, the
+  population coupling of a fitted potential. ``conditional``: ``ClassConditionalCoupler``, within classes.
+  ``resampled``: ``ResampledCoupler``, pairs drawn with replacement from any coupler's pairs.
+"""
 
 from ot_cfm.couplers.base import Coupler
 from ot_cfm.couplers.conditional import ClassConditionalCoupler

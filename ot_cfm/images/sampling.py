@@ -8,10 +8,9 @@ from pathlib import Path
 
 import torch
 
-from ot_cfm.evaluation import model_device
+from ot_cfm.evaluation import model_device, plotting
 from ot_cfm.evaluation.metrics import wasserstein2
-from ot_cfm.evaluation.plotting import plot_image_grid
-from ot_cfm.images.frechet import inception_fid
+from ot_cfm.images import frechet
 from ot_cfm.images.quality import evaluate_images
 from ot_cfm.models import guided_field
 from ot_cfm.solvers.ode import IntegrationError, sample
@@ -60,7 +59,7 @@ def write_sample_grid(path: str | Path, model, shape: tuple, num_classes: int | 
         images, nfe = sample_images(model, x0, labels, guidance, solver="euler", steps=GRID_NFE)
     rows = None if num_classes is None else [class_names[k] for k in range(num_classes)]
     suffix = "" if num_classes is None else f", guidance {guidance:g}, one row per class"
-    return plot_image_grid(path, images, columns=GRID_COLUMNS, row_labels=rows,
+    return plotting.plot_image_grid(path, images, columns=GRID_COLUMNS, row_labels=rows,
                            title=f"{title}, Euler NFE {nfe:g}{suffix}")
 
 
@@ -98,7 +97,7 @@ def evaluate_image_model(model, data, classifier, *, n: int, conditional: bool, 
         w2 = wasserstein2(images[:PIXEL_W2_POINTS], held_out[:PIXEL_W2_POINTS])
         row = {"nfe": float(nfe), "w2": w2, **quality.as_dict()}
         if inception_weights is not None:
-            row["fid"] = inception_fid(images, held_out, inception_weights=inception_weights).value
+            row["fid"] = frechet.inception_fid(images, held_out, inception_weights=inception_weights).value
         metrics.update({f"{k}/{name}": v for k, v in row.items()})
         rows.append({"solver": name, **row})
     return metrics, rows

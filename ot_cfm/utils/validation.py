@@ -98,7 +98,7 @@ def check_images(images: torch.Tensor, name: str, shape: tuple | None = None) ->
     if not images.is_floating_point() or not torch.isfinite(images).all():
         raise ValueError(f"{name}: expected finite floating-point images (dtype {images.dtype})")
     if shape is not None and tuple(images.shape[1:]) != tuple(shape):
-        raise ValueError(f"{name}: images of shape {tuple(images.shape[1:])}; expected {tuple(shape)}")
+        raise ValueError(f"{name}: images of shape {tuple(images.shape[1:])}; the classifier expects {tuple(shape)}")
 
 
 def check_int64_labels(labels: torch.Tensor, n: int, num_classes: int | None, name: str) -> None:

@@ -243,7 +243,7 @@ def test_dataset_with_toy_options_is_refused_clearly(tmp_path, capsys):
 
 
 def test_inception_weights_add_the_fid_at_each_solver(tmp_path, classifier_cache, monkeypatch, capsys):
-    import ot_cfm.images as image_metrics
+    import ot_cfm.images.frechet as image_metrics
 
     weights = tmp_path / "inception.pth"
     assert main([*DIGITS, "--inception-weights", str(weights), "--out", str(tmp_path / "none")]) == 2
