@@ -12,7 +12,7 @@ PROMISED = {
     "manifold_tests": ["Sphere", "Cylinder", "CliffordTorus", "Subspace", "ProductManifold", "measure_hyperbolicity"],
 }
 MODULES = ["ot_cfm", "ot_cfm.paths", "ot_cfm.matcher",
-           "ot_cfm.couplers", "ot_cfm.models", "ot_cfm.models.field", "ot_cfm.models.mlp", "ot_cfm.models.unet",
+           "ot_cfm.couplers", "ot_cfm.models", "ot_cfm.models.field", "ot_cfm.models.mlp", "ot_cfm.models.image_unet",
            "ot_cfm.models.flow_and_score", "ot_cfm.models.guidance",
            "ot_cfm.solvers", "ot_cfm.solvers.ode", "ot_cfm.solvers.sde", "ot_cfm.solvers.likelihood",
            "ot_cfm.training", "ot_cfm.training.trainer", "ot_cfm.training.config", "ot_cfm.training.execution",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ot_cfm.models.image_unet import UNet
 from ot_cfm.models.mlp import MLP
-from ot_cfm.models.unet import UNet
 
 __all__ = ["FlowAndScore", "model_from_config"]
 

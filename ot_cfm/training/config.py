@@ -16,7 +16,9 @@ class TrainConfig:
 
     lr follows a linear warm-up over ``warmup_steps`` then ``schedule`` ("constant" or "cosine" to 0 at
     ``steps``). ``grad_clip`` > 0 clips the global gradient norm; ``ema_decay`` > 0 keeps an exponential
-    moving average of the weights (used for evaluation and sampling). Checkpoints and the metrics log
+    moving average of the weights (used for evaluation and sampling), whose decay after step k is
+    min(ema_decay, (1 + k) / (10 + k)) with ``ema_warmup`` (default), so that a short run's average is not mostly
+    its initial weights, or ema_decay throughout without it (``ot_cfm.training.ema``). Checkpoints and the metrics log
     go to ``out_dir`` (none when None); a run holds ``out_dir`` while it trains, and a second live run
     into it is refused.
 
@@ -57,6 +59,7 @@ class TrainConfig:
     schedule: str = "constant"
     grad_clip: float = 0.0
     ema_decay: float = 0.0
+    ema_warmup: bool = True
     seed: int = 0
     log_every: int = 100
     eval_every: int = 0

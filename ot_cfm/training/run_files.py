@@ -41,7 +41,7 @@ CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 # Fields added after the first checkpoints were written, with their defaults: at the default they stay out of
 # the fingerprint, so checkpoints written before they existed still resume.
-_LATER_FIELDS = {"label_dropout": 0.0, "precision": "fp32", "coupling_mode": "global"}
+_LATER_FIELDS = {"label_dropout": 0.0, "precision": "fp32", "coupling_mode": "global", "ema_warmup": False}
 # Fields that may change between a run and its resumption without changing the trained weights.
 _RESUMABLE_FIELDS = ("steps", "out_dir", "progress", "eval_every", "checkpoint_every", "log_every", "workers",
                      "threads")
@@ -119,6 +119,8 @@ def fingerprint(trainer) -> dict:
     resumable = set(_RESUMABLE_FIELDS)
     if trainer.config.schedule == "cosine":  # the schedule's length sets the lr of every step
         resumable.discard("steps")
+    if trainer.config.ema_decay == 0:  # no average: its warm-up changes nothing
+        resumable.add("ema_warmup")
     for name, default in _LATER_FIELDS.items():  # at their defaults, as before they existed: earlier
         if getattr(trainer.config, name) == default:  # checkpoints still resume
             resumable.add(name)
@@ -147,8 +149,9 @@ def load_checkpoint(trainer, path: str | os.PathLike) -> None:
     theirs, ours = state.get("fingerprint", {}), fingerprint(trainer)
     diffs = [f"{key}: checkpoint {_short(theirs.get(key))} vs now {_short(ours[key])}" for key in ours
              if key != "config" and theirs.get(key) != ours[key]]
-    diffs += [f"config.{k}: checkpoint {theirs.get('config', {}).get(k)!r} vs now {v!r}"
-              for k, v in ours["config"].items() if theirs.get("config", {}).get(k) != v]
+    # a field added later is absent from earlier checkpoints: they ran with its earlier behaviour
+    diffs += [f"config.{k}: checkpoint {theirs.get('config', {}).get(k, _LATER_FIELDS.get(k))!r} vs now {v!r}"
+              for k, v in ours["config"].items() if theirs.get("config", {}).get(k, _LATER_FIELDS.get(k)) != v]
     for name, default in _LATER_FIELDS.items():
         if name not in ours["config"] and theirs.get("config", {}).get(name, default) != default:
             diffs.append(f"config.{name}: checkpoint {theirs['config'][name]!r} vs now {default!r}")

@@ -35,7 +35,6 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from ot_cfm.matcher import ConditionalFlowMatcher
@@ -53,6 +52,7 @@ from ot_cfm.training.distributed import (
     per_rank_batch,
     run_agreed,
 )
+from ot_cfm.training.ema import exponential_moving_average
 from ot_cfm.training.execution import (
     PRECISIONS,
     autocast,
@@ -111,7 +111,7 @@ class Trainer:
         self.coupling_device = coupling_device(matcher.coupler, self.device)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        self.ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay))
+        self.ema = (exponential_moving_average(model, config.ema_decay, config.ema_warmup)
                     if config.ema_decay > 0 else None)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed + 1)
         self.step = 0
