@@ -88,7 +88,7 @@ def _train_images(args) -> int:
                           data.class_names, guidance, args.seed, f"{run}, step {step}")
         quality, _ = evaluate_image_model(sampling_model, data, classifier, n=args.eval_samples,
                                           conditional=args.conditional, guidance=guidance, seed=args.seed,
-                                          adaptive=False, euler_nfes=(GRID_NFE,))
+                                          settings=(f"euler-{GRID_NFE}",))
         return quality
 
     trainer = Trainer(model, matcher, gaussian_sampler(data.shape), data.train_sampler(labelled=args.conditional),
