@@ -113,13 +113,17 @@ def module_page(name: str, home: dict) -> str:
 
 
 def aliases(modules: list[str], home: dict) -> dict[str, str]:
-    """Each exported name that is documented at another module's page: ``module.name`` -> ``home.name``."""
+    """Each exported name that is documented at another module's page: ``module.name`` -> ``home.name``; and each
+    exported module kept under another name (``ot_cfm.metrics`` for ``ot_cfm.evaluation.metrics``) -> its own name."""
     result = {}
     for name in modules:
         module = importlib.import_module(name)
         for n in getattr(module, "__all__", []):
             obj = getattr(module, n)
-            if not isinstance(obj, types.ModuleType) and home[_key(n, obj)] != name:
+            if isinstance(obj, types.ModuleType):
+                if obj.__name__ != f"{name}.{n}":
+                    result[f"{name}.{n}"] = obj.__name__
+            elif home[_key(n, obj)] != name:
                 result[f"{name}.{n}"] = f"{home[_key(n, obj)]}.{n}"
     return result
 
@@ -127,9 +131,11 @@ def aliases(modules: list[str], home: dict) -> dict[str, str]:
 def register_aliases(app, env) -> None:
     """Enter every ``aliases()`` name into the Python domain as an alias of its documented object, so that it
     is in the inventory and resolves, without a second description of the object."""
-    objects = env.domains["py"].objects
+    objects, modules = env.domains["py"].objects, env.domains["py"].modules
     for alias, target in ALIASES.items():
-        if target not in objects:
+        if target in modules:  # a module exported under another name: an alias of its page
+            modules.setdefault(alias, modules[target])
+        elif target not in objects:
             logger.warning("%s is exported but its documentation %s was not generated", alias, target)
         elif alias not in objects:  # the defining module's name is already an alias (autodoc's :canonical:)
             entry = objects[target]
