@@ -36,6 +36,7 @@ from ot_cfm.evaluation.plotting import save_figure
 from ot_cfm.matcher import ConditionalFlowMatcher
 from ot_cfm.models import MLP
 from ot_cfm.training import TrainConfig, Trainer
+from ot_cfm.utils.atomic import atomic_write
 from ot_cfm.utils.parallelism import torch_threads
 from proximal.discrete import DiscreteBrenierPotential
 from proximal.field import ExactVelocityField
@@ -210,7 +211,8 @@ def run(manifold: str | None = None, *, quick: bool = False, out_dir: str | Path
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         tag = "hyperbolicity" if manifold is None else manifold
-        (out / f"manifold_{tag}.md").write_text(summary_markdown(reports, losses, command) + "\n")
+        summary = summary_markdown(reports, losses, command) + "\n"
+        atomic_write(out / f"manifold_{tag}.md", lambda f: f.write(summary))
         plot_rates(reports, out / f"manifold_{tag}_rates.png")
         plot_empirical(reports, out / f"manifold_{tag}_empirical.png")
     return reports

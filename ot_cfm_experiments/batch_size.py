@@ -41,7 +41,7 @@ from ot_cfm.matcher import ConditionalFlowMatcher
 from ot_cfm.models import MLP
 from ot_cfm.training import TrainConfig, Trainer
 from ot_cfm.training.batches import DATA_STREAM
-from ot_cfm.utils.atomic import atomic_write
+from ot_cfm.utils.atomic import atomic_write, save_torch
 from proximal.discrete import DiscreteBrenierPotential
 from proximal.field import field_error
 from proximal.gaussian import GaussianPotential
@@ -149,8 +149,7 @@ def _fitted_target(name: str, support: torch.Tensor, cache_dir: Path, config: Ex
         fit = {"tv": report.tv, "tv_noise": report.tv_noise, "converged": report.converged,
                "seconds": report.seconds, "map_cost": report.map_cost, "cost_lower_bound": report.cost_lower_bound,
                "cost_upper_bound": report.cost_upper_bound}
-        atomic_write(path, lambda f: torch.save({"support": support, "dual_weights": potential.dual_weights,
-                                                  "fit": fit}, f), binary=True)
+        save_torch(path, {"support": support, "dual_weights": potential.dual_weights, "fit": fit})
     return Target(name, potential, TensorSampler(support), note, fit)
 
 

@@ -22,7 +22,7 @@ from ot_cfm.cli.common import (
 )
 from ot_cfm.evaluation.plotting import plot_points_2d
 from ot_cfm.training.run_files import claim_run_folder
-from ot_cfm.utils.atomic import atomic_write
+from ot_cfm.utils.atomic import atomic_write, save_torch
 from ot_cfm.utils.parallelism import auto_threads, torch_threads
 
 
@@ -126,8 +126,7 @@ def _sample_array_checkpoint(args, model, meta: dict) -> int:
     if meta.get("mean") is not None:  # back to the file's units
         x1 = x1 * torch.tensor(meta["std"], dtype=x1.dtype) + torch.tensor(meta["mean"], dtype=x1.dtype)
     path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"x0": x0, "x1": x1, "labels": labels, "nfe": out.nfe}, path.with_suffix(".pt"))
+    save_torch(path.with_suffix(".pt"), {"x0": x0, "x1": x1, "labels": labels, "nfe": out.nfe})  # atomic, never through a link at that name
     plot_points_2d(path.with_suffix(".png"), _first_two(x1), labels,
              title=f"{Path(args.checkpoint).parent.name}: {meta['data']} samples (coordinates 1-2, the file's units), "
                    f"{args.solver}, NFE {out.nfe}")

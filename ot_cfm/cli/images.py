@@ -21,7 +21,7 @@ from ot_cfm.cli.common import (
 )
 from ot_cfm.images.sampling import EVAL_CHUNK, GRID_COLUMNS, GRID_NFE, evaluate_image_model, sample_images, write_sample_grid
 from ot_cfm.training.run_files import claim_run_folder
-from ot_cfm.utils.atomic import atomic_write
+from ot_cfm.utils.atomic import atomic_write, save_torch
 from ot_cfm.utils.parallelism import auto_threads, torch_threads
 
 GRIDS_FOLDER = "grids"    # grids during training: grids/step_XXXXXX.png
@@ -155,8 +155,7 @@ def _sample_image_checkpoint(args, model, meta: dict) -> int:
         images, nfe = sample_images(model, x0, labels, guidance, solver=args.solver, steps=steps,
                                      **({"max_nfe": args.max_nfe} if steps is None else {}))
     path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"x0": x0, "x1": images, "labels": labels, "nfe": nfe}, path.with_suffix(".pt"))
+    save_torch(path.with_suffix(".pt"), {"x0": x0, "x1": images, "labels": labels, "nfe": nfe})  # atomic, never through a link at that name
     title = f"{Path(args.checkpoint).parent.name}: {meta['dataset']}, {args.solver}, NFE {nfe:g}"
     if conditional:
         names = meta.get("class_names") or [str(k) for k in range(meta["num_classes"])]

@@ -18,7 +18,7 @@ from ot_cfm.cli.common import (
     _trained_on_other_rank,
 )
 from ot_cfm.training.run_files import claim_run_folder
-from ot_cfm.utils.atomic import atomic_write
+from ot_cfm.utils.atomic import atomic_write, save_torch
 from ot_cfm.utils.parallelism import auto_threads, torch_threads
 
 PLOTTED_PATHS = 300       # trajectories drawn by `sample`'s 2D figure
@@ -89,8 +89,7 @@ def _sample_toy_checkpoint(args, model, meta: dict) -> int:
     paths = sample(model, x0[:PLOTTED_PATHS].to(device), return_trajectory=True, **options)
     x1, trajectory = out.x.cpu(), paths.trajectory.cpu()
     path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"x0": x0, "x1": x1, "nfe": out.nfe}, path.with_suffix(".pt"))
+    save_torch(path.with_suffix(".pt"), {"x0": x0, "x1": x1, "nfe": out.nfe})  # atomic, never through a link at that name
     plot_flow_2d(path.with_suffix(".png"), x0[:PLOTTED_PATHS], x1, toy_sampler(meta["target"])(args.n, g),
                  trajectory, max_paths=PLOTTED_PATHS,
                  title=f"{Path(args.checkpoint).parent.name}: {meta['source']} -> {meta['target']}, "

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from ot_cfm.utils.atomic import atomic_write
+
 __all__ = ["plot_flow_2d", "draw_trajectories", "plot_points_2d", "plot_image_grid", "image_mosaic", "save_figure", "figure_problems",
            "IncompleteFigureWarning"]
 
@@ -160,7 +162,8 @@ def plot_image_grid(path: str | Path, images: torch.Tensor, *, columns: int = 8,
 
 
 def save_figure(fig, path: str | Path, *, title: str | None = None, dpi: int = 100) -> Path:
-    """Set the suptitle when given, tighten the layout, save to ``path`` (creating its folder), close ``fig``."""
+    """Set the suptitle when given, tighten the layout, save to ``path`` in the format its suffix names (creating its
+    folder; atomically, never through a link at ``path``: ``ot_cfm.utils.atomic.atomic_write``), close ``fig``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -173,7 +176,9 @@ def save_figure(fig, path: str | Path, *, title: str | None = None, dpi: int = 1
         warnings.warn(f"figure {path}: " + "; ".join(problems), IncompleteFigureWarning, stacklevel=2)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight", pad_inches=0.1)  # nothing clipped, even with equal aspect
-    plt.close(fig)
+    try:  # bbox_inches="tight": nothing clipped, even with equal aspect
+        atomic_write(path, lambda f: fig.savefig(f, format=path.suffix[1:] or None, dpi=dpi, bbox_inches="tight",
+                                                 pad_inches=0.1), binary=True)
+    finally:
+        plt.close(fig)
     return path

@@ -8,6 +8,7 @@ by a content hash of the training data and the settings (``CLASSIFIER_CACHE_ENV`
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ot_cfm.utils.atomic import atomic_write
+from ot_cfm.utils.atomic import save_torch, torch_archive_problem
 from ot_cfm.utils.validation import check_images, check_int64_labels
 
 __all__ = ["ClassifierConfig", "ImageClassifier", "load_or_train_classifier", "train_classifier",
@@ -180,17 +181,21 @@ def load_or_train_classifier(images: torch.Tensor, labels: torch.Tensor, *, num_
     The cache folder is ``cache_dir``, else the environment variable ``OT_CFM_CLASSIFIER_CACHE``, else
     ``$XDG_CACHE_HOME/ot-cfm/classifiers`` (``~/.cache/ot-cfm/classifiers``). The file's name is a
     content hash of the images, labels, number of classes and config (``classifier_cache_path``), so
-    other data or settings never load it. The file is written atomically and read with
-    ``torch.load(weights_only=True)``; one that is unreadable or does not match (truncated, corrupt,
-    another version) is retrained and overwritten, with a warning naming it. Returned on the images'
-    device, in eval mode.
+    other data or settings never load it. The file is written atomically with a SHA-256 of its entries
+    (``ot_cfm.utils.atomic.save_torch``), checked with it and read with ``torch.load(weights_only=True)``;
+    one that is unreadable or does not match (truncated, damaged, another version) is retrained and
+    overwritten, with a warning naming it. Returned on the images' device, in eval mode.
     """
     num_classes = _check_training_data(images, labels, num_classes)
     path = classifier_cache_path(images, labels, num_classes=num_classes, config=config, cache_dir=cache_dir)
     key = path.stem.removeprefix("classifier-")
     if path.exists():
         try:
-            stored = torch.load(path, map_location="cpu", weights_only=True)
+            data = path.read_bytes()
+            problem = torch_archive_problem(data)  # a flipped bit in the weights would still load
+            if problem is not None:
+                raise ValueError(problem)
+            stored = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
             if not isinstance(stored, dict) or stored.get("key") != key or stored.get("format") != _CACHE_FORMAT:
                 raise ValueError(f"expected a dict with format {_CACHE_FORMAT} and key {key}")
             model = ImageClassifier(tuple(images.shape[1:]), num_classes, config, device="cpu")
@@ -202,7 +207,7 @@ def load_or_train_classifier(images: torch.Tensor, labels: torch.Tensor, *, num_
     model = train_classifier(images, labels, num_classes=num_classes, config=config)
     payload = {"format": _CACHE_FORMAT, "key": key, "shape": list(images.shape[1:]), "num_classes": num_classes,
                "config": asdict(config), "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}}
-    atomic_write(path, lambda f: torch.save(payload, f), binary=True)
+    save_torch(path, payload)
     return model
 
 

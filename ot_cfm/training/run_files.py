@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
+import stat
 import tempfile
 import threading
 import warnings
@@ -31,7 +33,7 @@ from filelock import FileLock, Timeout
 
 from ot_cfm.training.batches import DATA_STREAM
 from ot_cfm.training.checkpoint import read_checkpoint, write_checkpoint
-from ot_cfm.utils.atomic import remove_stale_temporaries
+from ot_cfm.utils.atomic import append_text, atomic_write, remove_stale_temporaries
 
 __all__ = ["RunFolderInUseError", "claim_run_folder", "LOCK_NAME", "CHECKPOINT_NAME", "METRICS_NAME", "MetricsLog",
            "fingerprint", "save_checkpoint", "load_checkpoint"]
@@ -93,22 +95,39 @@ def claim_run_folder(folder: str | os.PathLike, *, outputs: Iterable[str] = ()) 
 
 class MetricsLog:
     """The run's metrics log ``folder/metrics.jsonl``: one strict-JSON object per line (a non-finite value, from an
-    evaluation, is written as null)."""
+    evaluation, is written as null).
+
+    ``truncate``, at the start of every ``fit``, rewrites it atomically, so that whatever was at its name (a
+    symbolic link planted there included) is replaced by the run's own file and never followed; ``append`` then
+    adds each row to that file with ``O_NOFOLLOW`` (one write per row, not a rewrite of the whole log) and
+    refuses a link put in its place later.
+    """
 
     def __init__(self, folder: Path):
         self.path = folder / METRICS_NAME
 
     def append(self, row: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(_json_line(row))
+        append_text(self.path, _json_line(row))
 
     def truncate(self, step: int) -> None:
         """Drop rows written after ``step`` (the checkpoint resumed from; 0 on a fresh start: all rows), and a
         last row cut short by a killed run."""
-        if self.path.exists():
-            rows = [row for row in map(_parse_row, self.path.read_text().splitlines())
+        if os.path.lexists(self.path):
+            rows = [row for row in map(_parse_row, _regular_file_text(self.path).splitlines())
                     if row is not None and row.get("step", math.inf) <= step]
-            self.path.write_text("".join(map(_json_line, rows)))
+            atomic_write(self.path, lambda f: f.writelines(map(_json_line, rows)))
+
+
+def _regular_file_text(path: Path) -> str:
+    """The text of ``path`` when it is a regular file; "" for a symbolic link or any other entry (not read)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.ENOENT):
+            return ""
+        raise
+    with os.fdopen(fd) as f:
+        return f.read() if stat.S_ISREG(os.fstat(fd).st_mode) else ""
 
 
 def fingerprint(trainer) -> dict:
