@@ -52,6 +52,8 @@ EXPERIMENTS = {
 
 def cmd_train(args) -> int:
     args.device = _train_device(args)  # a clear error before any data is read or model built
+    if args.dataset is None and args.eval_samples is None:
+        args.eval_samples = 2000  # image runs choose theirs from the run (ot_cfm.images.sampling.plan_evaluation)
     if args.data is not None:
         return _train_array(args)
     array_only = _array_only_options(args)
@@ -74,6 +76,7 @@ def cmd_train(args) -> int:
 
 def cmd_sample(args) -> int:
     device = resolve_device(args.device)
+    args.out = str(_sample_output(args))
     model, meta = _load_sampling_model(Path(args.checkpoint))
     model = model.to(device)  # the noise is drawn on the CPU and moved: the same samples on every device
     if "dataset" in meta:
@@ -86,6 +89,17 @@ def cmd_sample(args) -> int:
         raise ValueError(f"--guidance applies to class-conditional image checkpoints; {args.checkpoint} is a toy run")
     torch.set_num_threads(args.threads or auto_threads(model, args.n, workers=0))  # this process is ours
     return _sample_toy_checkpoint(args, model, meta)
+
+
+def _sample_output(args) -> Path:
+    """Where ``ot-cfm sample`` writes (``--out``, or samples/samples beside the checkpoint), refusing to replace
+    earlier samples without ``--overwrite``."""
+    out = Path(args.out) if args.out is not None else Path(args.checkpoint).parent / "samples" / "samples"
+    existing = [p for p in (out.with_suffix(".pt"), out.with_suffix(".png")) if p.exists() or p.is_symlink()]
+    if existing and not args.overwrite:
+        raise ValueError(f"{' and '.join(map(str, existing))} already exist: choose another --out, or pass "
+                         "--overwrite to replace them")
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--ema-decay", type=float, default=None,
                        help=f"EMA of the weights for sampling (0: off; when not given 0 for toy runs, "
                             f"{IMAGE_EMA_DECAY} for image runs)")
+    train.add_argument("--no-ema-warmup", action="store_true",
+                       help="keep the EMA decay constant from the first step (without it the decay after step k is "
+                            "min(--ema-decay, (1 + k) / (10 + k)), so short runs average trained weights); resumes runs "
+                            "written before the warm-up existed")
     train.add_argument("--width", type=int, default=64, help="MLP hidden width (image runs: with --model mlp)")
     train.add_argument("--depth", type=int, default=3, help="MLP hidden layers")
     train.add_argument("--activation", choices=ACTIVATIONS, default="selu",
@@ -182,9 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32",
                        help="autocast dtype of the model's forward and loss (weights and optimizer stay float32); "
                             "fp16 needs a GPU, the CPU takes bf16")
-    train.add_argument("--eval-samples", type=int, default=2000,
-                       help="samples of the final evaluation (toy: W2 and NPE; images: Fréchet distance, pixel W2, "
-                            "class coverage and conditional accuracy)")
+    train.add_argument("--eval-samples", type=int, default=None,
+                       help="samples of the final evaluation (toy and --data: W2 and NPE, 2000 when not given; images: "
+                            "Fréchet distance, pixel W2, class coverage and conditional accuracy, chosen from the run "
+                            "when not given so that the evaluation costs about a quarter of training)")
+    train.add_argument("--eval-solvers", default=None, metavar="SETTINGS",
+                       help="image runs: the solver settings of the final evaluation, e.g. euler-1,euler-8,dopri5 "
+                            "(chosen from the run when not given; adaptive solvers are capped at 200 NFE)")
+    train.add_argument("--no-eval", action="store_true",
+                       help="image runs: no evaluation after training (the checkpoint and the sample grid only)")
     train.add_argument("--out", default="runs/default", help="output folder")
     train.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     train.add_argument("--overwrite", action="store_true",
@@ -209,9 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--device", type=_device_name, default="auto", metavar="{auto,cpu,cuda,cuda:N}",
                      help="where the model runs (auto: cuda when available, else cpu); the noise is drawn on the "
                           "CPU, so samples agree across devices up to arithmetic")
-    smp.add_argument("--out", default="runs/samples",
+    smp.add_argument("--out", default=None,
                      help="output path without suffix (.pt and .png written: a scatter for toy runs, a sample grid "
-                          "for image runs)")
+                          "for image runs); by default samples/samples beside the checkpoint")
+    smp.add_argument("--overwrite", action="store_true",
+                     help="replace samples already at --out (without it they are refused)")
     smp.set_defaults(func=cmd_sample)
 
     sub.add_parser("manifold", help=EXPERIMENTS[("manifold",)][1] + " (options: ot-cfm manifold --help)")

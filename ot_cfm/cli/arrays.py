@@ -52,7 +52,7 @@ def _train_array(args) -> int:
                 time_embedding=args.time_embedding, num_classes=num_classes).to(args.device)
     matcher = ConditionalFlowMatcher(coupler=_make_coupler(args, args.conditional), sigma=args.sigma)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
-                         schedule=args.schedule, grad_clip=args.grad_clip,
+                         schedule=args.schedule, grad_clip=args.grad_clip, ema_warmup=not args.no_ema_warmup,
                          ema_decay=0.0 if args.ema_decay is None else args.ema_decay, seed=args.seed,
                          checkpoint_every=args.checkpoint_every, out_dir=str(out), progress=not args.no_progress,
                          workers=args.workers, threads=args.threads, label_dropout=label_dropout,

@@ -109,7 +109,8 @@ def _image_only_options(args) -> list[str]:
              ("--label-dropout", args.label_dropout is not None), ("--guidance", args.guidance is not None),
              ("--data-dir", args.data_dir is not None), ("--eval-every", args.eval_every != 0),
              ("--classifier-steps", args.classifier_steps is not None),
-             ("--inception-weights", args.inception_weights is not None)]
+             ("--inception-weights", args.inception_weights is not None),
+             ("--eval-solvers", args.eval_solvers is not None), ("--no-eval", args.no_eval)]
     return [flag for flag, present in given if present]
 
 

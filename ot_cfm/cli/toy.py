@@ -38,7 +38,8 @@ def _train_toy(args) -> int:
     model = _model_from_spec(spec).to(args.device)  # initialised on the CPU: the same weights on every device
     matcher = ConditionalFlowMatcher(coupler=_make_coupler(args), sigma=args.sigma)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
-                         schedule=args.schedule, grad_clip=args.grad_clip, ema_decay=args.ema_decay, seed=args.seed,
+                         schedule=args.schedule, grad_clip=args.grad_clip, ema_warmup=not args.no_ema_warmup,
+                         ema_decay=args.ema_decay, seed=args.seed,
                          checkpoint_every=args.checkpoint_every, out_dir=str(out), progress=not args.no_progress,
                          workers=args.workers, threads=args.threads, precision=args.precision,
                          coupling_mode=args.coupling_mode)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ot_cfm.utils.atomic import save_torch, torch_archive_problem
 from ot_cfm.utils.validation import check_images, check_int64_labels
@@ -122,12 +123,13 @@ def _check_training_data(images: torch.Tensor, labels: torch.Tensor, num_classes
 
 
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, *, num_classes: int | None = None,
-                     config: ClassifierConfig = ClassifierConfig()) -> ImageClassifier:
+                     config: ClassifierConfig = ClassifierConfig(), progress: bool = False) -> ImageClassifier:
     """Train an ``ImageClassifier`` on images (N, C, H, W) in [-1, 1] and labels (N,), on the images' device.
 
     Cross-entropy, Adam with ``config``'s learning rate and weight decay, ``config.steps`` minibatches
     taken in order from one permutation per epoch; initial weights and permutations come from
     ``config.seed`` only, so the result is a function of the data and the config. Returned in eval mode.
+    ``progress`` shows a progress bar over the steps.
     """
     num_classes = _check_training_data(images, labels, num_classes)
     model = ImageClassifier(tuple(images.shape[1:]), num_classes, config, device=images.device)
@@ -135,7 +137,8 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, *, num_classes:
     generator = torch.Generator().manual_seed(config.seed + 1)
     n, batch, order, position = images.shape[0], min(config.batch_size, images.shape[0]), None, 0
     model.train()
-    for _ in range(config.steps):
+    for _ in tqdm(range(config.steps), desc="feature classifier", unit=" step", disable=not progress,
+                  dynamic_ncols=True):
         if order is None or position + batch > n:
             order, position = torch.randperm(n, generator=generator).to(images.device), 0
         index, position = order[position: position + batch], position + batch
@@ -175,8 +178,9 @@ def classifier_cache_path(images: torch.Tensor, labels: torch.Tensor, *, num_cla
 
 def load_or_train_classifier(images: torch.Tensor, labels: torch.Tensor, *, num_classes: int | None = None,
                              config: ClassifierConfig = ClassifierConfig(),
-                             cache_dir: str | os.PathLike | None = None) -> ImageClassifier:
-    """The classifier of this training data and config: loaded from the cache, else trained and cached.
+                             cache_dir: str | os.PathLike | None = None, progress: bool = False) -> ImageClassifier:
+    """The classifier of this training data and config: loaded from the cache, else trained (with a progress bar
+    when ``progress``) and cached.
 
     The cache folder is ``cache_dir``, else the environment variable ``OT_CFM_CLASSIFIER_CACHE``, else
     ``$XDG_CACHE_HOME/ot-cfm/classifiers`` (``~/.cache/ot-cfm/classifiers``). The file's name is a
@@ -204,7 +208,7 @@ def load_or_train_classifier(images: torch.Tensor, labels: torch.Tensor, *, num_
         except Exception as e:  # a corrupt file fails in many ways (unpickling, EOF, shapes); each means retrain
             warnings.warn(f"cached classifier {path} is unreadable or does not match ({type(e).__name__}: {e}); "
                           "retraining it", RuntimeWarning, stacklevel=2)
-    model = train_classifier(images, labels, num_classes=num_classes, config=config)
+    model = train_classifier(images, labels, num_classes=num_classes, config=config, progress=progress)
     payload = {"format": _CACHE_FORMAT, "key": key, "shape": list(images.shape[1:]), "num_classes": num_classes,
                "config": asdict(config), "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}}
     save_torch(path, payload)

@@ -59,7 +59,8 @@ def sample_images(model, x0: torch.Tensor, labels: torch.Tensor | None = None, g
                   solver: str, steps: int | None, progress=None, **options) -> tuple[torch.Tensor, float]:
     """Integrate noise x0 (N, C, H, W) in chunks of ``EVAL_CHUNK`` on the model's device, with the model or, given
     labels (N,), its classifier-free guided field of scale ``guidance``; ``options`` go to ``ot_cfm.sample``.
-    ``progress``, a tqdm bar, advances by the images of each field evaluation.
+    ``progress``, a tqdm bar, advances by the images of each field evaluation; for an adaptive solver its total
+    becomes, after each chunk, what is done plus the rest at that chunk's NFE.
     Returns (images (N, C, H, W) on the CPU, NFE); for an adaptive solver the NFE is the mean over the chunks."""
     device = model_device(model)
     images, nfes = [], []
@@ -71,6 +72,9 @@ def sample_images(model, x0: torch.Tensor, labels: torch.Tensor | None = None, g
         out = sample(field, x0[chunk].to(device), solver=solver, steps=steps, **options)
         images.append(out.x.cpu())
         nfes.append(out.nfe)
+        if progress is not None and steps is None:  # adaptive: the rest will take about this chunk's NFE
+            progress.total = progress.n + (x0.shape[0] - start - out.x.shape[0]) * out.nfe
+            progress.refresh()
     return torch.cat(images), sum(nfes) / len(nfes)
 
 

@@ -152,7 +152,8 @@ def test_sample_max_nfe_is_passed_to_the_adaptive_solver(tmp_path, capsys):
 SAMPLE_KEYS = ("x0", "x1", "labels", "nfe")
 IMAGE_KEYS = ("frechet_distance", "w2", "coverage_entropy", "least_frequent_share", "nfe")
 DIGITS = ["train", "--dataset", "digits", "--model", "mlp", "--width", "32", "--depth", "2", "--steps", "20",
-          "--batch-size", "64", "--eval-samples", "120", "--classifier-steps", "20", "--workers", "0", "--no-progress"]
+          "--batch-size", "64", "--eval-samples", "120",
+          "--eval-solvers", "euler-1,euler-2,euler-4,euler-8,dopri5", "--classifier-steps", "20", "--workers", "0", "--no-progress"]
 
 
 @pytest.fixture
