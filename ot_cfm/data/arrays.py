@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
+import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,9 +14,9 @@ import numpy as np
 import torch
 
 from ot_cfm.data.toy import TensorSampler
+from ot_cfm.utils.validation import check_class_array, check_seed
 
-__all__ = ["held_out_split", "ARRAY_SUFFIXES", "ArrayDataset", "load_array_dataset"]
-
+__all__ = ["held_out_split", "ARRAY_SUFFIXES", "ArrayDataset", "load_array_dataset", "NumpyFile", "read_at_most"]
 
 
 #: file endings that ``load_array_dataset`` reads
@@ -74,10 +77,118 @@ def _column_index(header: list[str] | None, column: str | int, width: int, path:
     return index % width
 
 
+def read_at_most(f, size: int) -> bytearray:
+    """The next ``size`` bytes of the binary file ``f`` (fewer where it ends first), read 1 MiB at a time, so that
+    the memory taken follows the bytes that are there, not the ``size`` a header announces."""
+    data = bytearray()
+    while len(data) < size:
+        chunk = f.read(min(size - len(data), 1 << 20))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def _read_npy(f) -> np.ndarray:
+    """The array of a .npy stream: its header's shape and dtype give the bytes to read, and those must follow."""
+    version = np.lib.format.read_magic(f)
+    if version not in _NPY_HEADERS:
+        raise ValueError(f".npy format version {version[0]}.{version[1]}; expected 1.0 or 2.0")
+    shape, fortran, dtype = _NPY_HEADERS[version](f)
+    if dtype.hasobject:
+        raise ValueError(f"dtype {dtype} holds pickled Python objects, which are not read (as numpy.load with "
+                         "allow_pickle=False)")
+    size = math.prod(shape) * dtype.itemsize
+    data = read_at_most(f, size)
+    if len(data) < size:
+        raise ValueError(f"the header announces shape {shape} of {dtype}, {size} bytes, but {len(data)} follow")
+    return np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C")
+
+
+class NumpyFile:
+    """A .npy or .npz file open for reading, without pickles: ``keys`` (None for a .npy) and ``read(key)``.
+
+    Each array's header (shape and dtype) is read first and its data read in chunks, so a header that
+    announces more than the file holds is refused having taken memory only for the bytes that are there
+    (``numpy.load`` allocates the announced array first). Damaged files raise a ValueError naming the file.
+    """
+
+    def __init__(self, path: Path):
+        self.path, self._archive = path, None
+        self._file = open(path, "rb")
+        try:
+            with _read_errors(path):
+                if self._file.read(6) != b"\x93NUMPY":
+                    self._file.seek(0)
+                    self._archive = zipfile.ZipFile(self._file)
+        except ValueError:
+            self._file.close()
+            raise
+        names = [] if self._archive is None else self._archive.namelist()
+        self._members = {name.removesuffix(".npy"): name for name in names}
+        self.keys = None if self._archive is None else list(self._members)
+
+    def read(self, key: str | None = None) -> np.ndarray:
+        """The .npy's array (key None) or the .npz's array ``key`` (one of ``keys``)."""
+        with _read_errors(self.path):
+            if self._archive is None:
+                self._file.seek(0)
+                return _read_npy(self._file)
+            with self._archive.open(self._members[key]) as member:
+                return _read_npy(member)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self._archive is not None:
+            self._archive.close()
+        self._file.close()
+
+
+@contextmanager
+def _read_errors(path: Path):
+    """Any error inside becomes a ValueError naming the file: numpy and zipfile fail on damaged files in many
+    ways, and each means the same here."""
+    try:
+        yield
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable .npy / .npz array file ({type(e).__name__}: {e}); expected an array "
+                         "saved by numpy.save or numpy.savez, without pickled objects") from e
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _check_float32(values: np.ndarray, path: Path, where) -> None:
+    """ValueError unless every entry of ``values`` (N, d) is finite once rounded to float32 (the dtype that
+    training uses); ``where(i, j)`` names entry (i, j) as (row, column) in the file."""
+    with np.errstate(over="ignore"):
+        bad = ~np.isfinite(values.astype(np.float32))
+    if bad.any():
+        i, j = np.argwhere(bad)[0]
+        row, column = where(i, j)
+        raise ValueError(f"{path}: {row} holds NaN or inf in float32 ({column} is {float(values[i, j])!r}); expected "
+                         f"finite numbers within +-{_FLOAT32_MAX:.7g}, the float32 range (training runs in float32)")
+
+
 def _read_csv(path: Path, label_column: str | int | None) -> tuple[np.ndarray, np.ndarray | None]:
-    """(features (N, d) float64, labels (N,) float64 or None) of a numeric CSV with an optional header row."""
-    with open(path, newline="") as f:
-        rows = [row for row in csv.reader(f) if row and any(cell.strip() for cell in row)]
+    """(features (N, d) float64, labels (N,) float64 or None) of a numeric UTF-8 CSV with an optional header row;
+    every cell must be finite in float32."""
+    rows, lines = [], []
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            for row in reader:
+                if row and any(cell.strip() for cell in row):
+                    rows.append(row)
+                    lines.append(reader.line_num)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason}: byte {e.object[e.start]:#04x}); expected a CSV file "
+                         "encoded as UTF-8 or ASCII (re-save it as UTF-8, e.g. from Latin-1)") from None
     if not rows:
         raise ValueError(f"{path}: empty; expected numeric rows (N, d), with an optional header row")
 
@@ -90,18 +201,19 @@ def _read_csv(path: Path, label_column: str | int | None) -> tuple[np.ndarray, n
 
     header = None
     if not all(numeric(cell) for cell in rows[0]):
-        header, rows = [cell.strip() for cell in rows[0]], rows[1:]
+        header, rows, lines = [cell.strip() for cell in rows[0]], rows[1:], lines[1:]
     width = len(header) if header is not None else len(rows[0]) if rows else 0
     values = np.empty((len(rows), width))
-    for line, row in enumerate(rows, start=2 if header is not None else 1):
+    for i, (line, row) in enumerate(zip(lines, rows)):
         if len(row) != width:
             raise ValueError(f"{path}: line {line} has {len(row)} cells; expected {width} like the first row")
         for k, cell in enumerate(row):
             try:
-                values[line - (2 if header is not None else 1), k] = float(cell)
+                values[i, k] = float(cell)
             except ValueError:
                 raise ValueError(f"{path}: line {line}, column {k + 1}: {cell!r} is not a number; expected numeric "
                                  "cells (only the first row may be a header)") from None
+    _check_float32(values, path, lambda i, k: (f"line {lines[i]}", f"column {k + 1}"))
     if label_column is None:
         return values, None
     index = _column_index(header, label_column, width, path)
@@ -110,55 +222,36 @@ def _read_csv(path: Path, label_column: str | int | None) -> tuple[np.ndarray, n
 
 def _read_arrays(path: Path, label_key: str | None) -> tuple[np.ndarray, np.ndarray | None]:
     """(array, labels or None) as stored in a .npy or .npz file."""
-    try:
-        with open(path, "rb") as f:
-            loaded = np.load(f, allow_pickle=False)
-            if isinstance(loaded, np.ndarray):
-                if label_key is not None:
-                    raise KeyError(f"a .npy file holds one array and no labels; --label-column {label_key!r} "
-                                   "needs a .npz (labels under a key) or a .csv (a label column)")
-                return loaded, None
-            with loaded:
-                keys = list(loaded.files)
-                label_keys = (label_key,) if label_key is not None else _LABEL_KEYS
-                found_label = next((k for k in label_keys if k in keys), None)
-                if label_key is not None and found_label is None:
-                    raise KeyError(f"arrays {keys} have no key {label_key!r} for the labels")
-                data_keys = [k for k in _DATA_KEYS if k in keys] or [k for k in keys if k != found_label]
-                if len(data_keys) != 1 and not (data_keys and data_keys[0] in _DATA_KEYS):
-                    raise KeyError(f"arrays {keys}; expected the data under 'x' or 'data' (or as the only array "
-                                   "besides the labels 'y' / 'labels')")
-                return loaded[data_keys[0]], (loaded[found_label] if found_label else None)
-    except KeyError as e:
-        raise ValueError(f"{path}: {e.args[0]}") from None
-    except Exception as e:  # numpy and zipfile fail on damaged files in many ways; each means the same here
-        raise ValueError(f"{path}: not a readable .npy / .npz array file ({type(e).__name__}: {e}); expected an "
-                         "array saved by numpy.save or numpy.savez, without pickled objects") from e
-
-
-def _integer_labels(labels: np.ndarray, n: int, path: Path) -> torch.Tensor:
-    labels = np.asarray(labels)
-    if labels.ndim != 1 or labels.shape[0] != n:
-        raise ValueError(f"{path}: labels of shape {labels.shape}; expected one per row, shape ({n},)")
-    if np.issubdtype(labels.dtype, np.floating):
-        if not (np.isfinite(labels).all() and (labels == np.round(labels)).all()):
-            raise ValueError(f"{path}: labels are not integers; expected class indices 0, 1, ...")
-    elif not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"{path}: labels of dtype {labels.dtype}; expected integers")
-    labels = labels.astype(np.int64)
-    if labels.min() < 0:
-        raise ValueError(f"{path}: labels include {labels.min()}; expected class indices >= 0")
-    return torch.from_numpy(labels)
+    with NumpyFile(path) as file:
+        keys = file.keys
+        if keys is None:
+            if label_key is not None:
+                raise ValueError(f"{path}: a .npy file holds one array and no labels; --label-column {label_key!r} "
+                                 "needs a .npz (labels under a key) or a .csv (a label column)")
+            return file.read(), None
+        label_keys = (label_key,) if label_key is not None else _LABEL_KEYS
+        found_label = next((k for k in label_keys if k in keys), None)
+        if label_key is not None and found_label is None:
+            raise ValueError(f"{path}: arrays {keys} have no key {label_key!r} for the labels")
+        data_keys = [k for k in _DATA_KEYS if k in keys] or [k for k in keys if k != found_label]
+        if len(data_keys) != 1 and not (data_keys and data_keys[0] in _DATA_KEYS):
+            raise ValueError(f"{path}: arrays {keys}; expected the data under 'x' or 'data' (or as the only array "
+                             "besides the labels 'y' / 'labels')")
+        return file.read(data_keys[0]), (file.read(found_label) if found_label else None)
 
 
 def held_out_split(n: int, fraction: float, seed: int | torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train indices, held-out indices): a permutation drawn from ``seed``, the last round(fraction n) held out."""
+    """(train indices, held-out indices): a permutation drawn from ``seed`` (an int in [0, 2**63 - 1] or a
+    generator), the last round(fraction n) held out."""
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"held_out_fraction must lie in (0, 1), got {fraction}")
+    generator = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(check_seed(seed))
+    if n < 2:
+        raise ValueError(f"{n} sample{'s (empty)' if n == 0 else ''}: too few to split; expected at least 2 (one to "
+                         "train on, one held out)")
     held = round(fraction * n)
     if not 0 < held < n:
         raise ValueError(f"held_out_fraction {fraction} of {n} samples holds out {held}; expected between 1 and {n - 1}")
-    generator = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
     order = torch.randperm(n, generator=generator, device=generator.device).cpu()
     return order[: n - held], order[n - held:]
 
@@ -177,9 +270,11 @@ def load_array_dataset(path: str | os.PathLike, *, labels: str | int | None = No
     column to mean 0 and std 1 over all N rows (``ArrayDataset.to_original_units`` undoes it). The
     held-out rows are round(held_out_fraction N), at least one on each side, chosen by a permutation
     drawn from ``seed`` (an int, or a CPU ``torch.Generator``): the same seed gives the same split.
-    Every fault raises an error naming the file and what was expected.
+    Every fault raises an error naming the file and what was expected: a value that is not finite in
+    float32, labels above ``ot_cfm.utils.validation.MAX_CLASSES``, a CSV that is not UTF-8.
     """
-
+    if not isinstance(seed, torch.Generator):
+        check_seed(seed)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist or is not a file; expected a .npy, .npz or .csv file "
@@ -199,13 +294,12 @@ def load_array_dataset(path: str | os.PathLike, *, labels: str | int | None = No
     if array.shape[0] < 2 or array.shape[1] < 1:
         raise ValueError(f"{path}: data of shape {array.shape}; expected at least 2 rows and 1 column")
     values = array.astype(np.float64)
-    if not np.isfinite(values).all():
-        row = int(np.nonzero(~np.isfinite(values).all(axis=1))[0][0])
-        raise ValueError(f"{path}: row {row} holds NaN or inf; expected finite numbers")
-    label_tensor = None if raw_labels is None else _integer_labels(raw_labels, values.shape[0], path)
+    _check_float32(values, path, lambda i, j: (f"row {i}", f"column {j}"))  # a .csv's cells were checked by line
+    label_tensor = None if raw_labels is None else torch.from_numpy(
+        check_class_array(np.asarray(raw_labels), values.shape[0], f"{path}: labels", per="row"))
     data = torch.from_numpy(values)
     mean = std = None
-    if standardize:
+    if standardize:  # in float64: |mean| and std are at most max |v|, so finite in float32 like the values
         mean, std = data.mean(dim=0), data.std(dim=0, correction=0)
         std = torch.where(std > 0, std, torch.ones_like(std))
         data = (data - mean) / std

@@ -1,12 +1,16 @@
 """CIFAR-10's batches, binary or python, read into tensors.
 
-The python batches are pickles; they are read by an unpickler that admits only numpy's array
-reconstruction, so a crafted file cannot run code.
+The python batches are pickles of a dict {b'batch_label': bytes, b'labels': [int] * N, b'data': uint8 array
+(N, 3072), b'filenames': [bytes] * N}. They are read by an unpickler that admits only what such a dict needs:
+numpy's reconstruction of a uint8 array from the bytes in the file (its shape must match their count), so a
+crafted file can neither run code nor make an array larger than itself; anything else is refused with a
+ValueError naming the file.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 from pathlib import Path
@@ -14,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ot_cfm.images.readers import NO_DOWNLOAD, check_label_array, require_file, scale_uint8
+from ot_cfm.images.readers import NO_DOWNLOAD, require_file, scale_uint8
+from ot_cfm.utils.validation import check_class_array
 
 __all__ = ["CIFAR10_CLASSES", "read_cifar_batch", "read_cifar10"]
 
@@ -29,62 +34,111 @@ _CIFAR_RECORD = 1 + 3 * 32 * 32  # binary batches: one label byte, then the red,
 
 # ---------------------------------------------------------------- CIFAR-10 (binary and python batches)
 
+class _RefusedPickle(ValueError, pickle.UnpicklingError):
+    """A CIFAR-10 python batch asked for something a genuine batch does not hold (a ValueError naming the file)."""
+
+
 def _latin1_encode(text, encoding="latin1"):
     """``_codecs.encode`` as Python 3 pickles bytes at protocol 2, restricted to that use."""
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise pickle.UnpicklingError(f"refused _codecs.encode({type(text).__name__}, {encoding!r}): only "
-                                     "latin-1 encoding of text rebuilds bytes")
+        raise _RefusedPickle(f"_codecs.encode({type(text).__name__}, {encoding!r}): only latin-1 encoding of text "
+                            "rebuilds bytes")
     return text.encode("latin-1")
 
 
-_PROBE = np.zeros(1, dtype=np.uint8)
-_RECONSTRUCT = _PROBE.__reduce__()[0]      # numpy's array reconstruction (protocols 0 to 4)
-_FROMBUFFER = _PROBE.__reduce_ex__(5)[0]   # numpy's array from a buffer (protocol 5)
+class _Uint8:
+    """``numpy.dtype(name, align, copy)`` as a pickle calls it, for 'u1' only; its state (one byte has no byte
+    order) is not used: arrays are built with numpy's own uint8."""
+
+    def __init__(self, name, align=False, copy=True):
+        if name not in ("u1", b"u1"):
+            raise _RefusedPickle(f"numpy dtype {name!r}; a CIFAR-10 python batch holds uint8 arrays only")
+
+    def __setstate__(self, state):
+        pass
+
+
+def _uint8_array(data, dtype, shape, fortran: bool) -> np.ndarray:
+    """A uint8 array of ``shape`` on the pickle's own bytes ``data``, whose count must be the shape's product."""
+    if not isinstance(dtype, _Uint8):
+        raise _RefusedPickle(f"an array of dtype {dtype!r}; a CIFAR-10 python batch holds uint8 arrays only")
+    if not (isinstance(data, (bytes, bytearray)) and type(shape) is tuple
+            and all(type(k) is int and k >= 0 for k in shape) and math.prod(shape) == len(data)):
+        raise _RefusedPickle(f"an array of shape {shape!r} on {type(data).__name__} of "
+                            f"{len(data) if isinstance(data, (bytes, bytearray)) else '?'} bytes; expected as many "
+                            "bytes as the shape has entries")
+    return np.frombuffer(data, np.uint8).reshape(shape, order="F" if fortran else "C")
+
+
+class _PickledArray:
+    """``numpy.core.multiarray._reconstruct(ndarray, (0,), b'b')``, the empty array a pickle then fills with
+    ``__setstate__((version, shape, dtype, is_fortran, data))``; ``array`` holds the result."""
+
+    def __init__(self, subtype, shape, typecode):
+        if subtype is not _ndarray or shape != (0,) or typecode not in (b"b", "b"):
+            raise _RefusedPickle(f"numpy _reconstruct of shape {shape!r} and typecode {typecode!r}; numpy pickles an "
+                                "array as _reconstruct(ndarray, (0,), b'b') and then its state")
+        self.array = None
+
+    def __setstate__(self, state):
+        if not (isinstance(state, tuple) and len(state) == 5):
+            raise _RefusedPickle("an array state that is not (version, shape, dtype, is_fortran, data)")
+        _, shape, dtype, fortran, data = state
+        self.array = _uint8_array(data, dtype, shape, bool(fortran))
+
+
+def _frombuffer(data, dtype, shape, order):
+    """``numpy.core.numeric._frombuffer``, as protocol 5 pickles an array (its bytes in the file)."""
+    return _uint8_array(data, dtype, shape, order == "F")
+
+
+def _ndarray(*args):
+    """``numpy.ndarray`` as a pickle names it: an argument of ``_reconstruct``, never called."""
+    raise _RefusedPickle("a call of numpy.ndarray, which would make an array of uninitialised memory of any size; numpy "
+                        "pickles an array as _reconstruct(ndarray, (0,), b'b') and its bytes")
+
+
 _PICKLE_ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,   # as written by numpy 1 (and Python 2)
-    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,  # as written by numpy 2
-    ("numpy.core.numeric", "_frombuffer"): _FROMBUFFER,
-    ("numpy._core.numeric", "_frombuffer"): _FROMBUFFER,
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
+    ("numpy.core.multiarray", "_reconstruct"): _PickledArray,   # as written by numpy 1 (and Python 2)
+    ("numpy._core.multiarray", "_reconstruct"): _PickledArray,  # as written by numpy 2
+    ("numpy.core.numeric", "_frombuffer"): _frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _frombuffer,
+    ("numpy", "ndarray"): _ndarray,
+    ("numpy", "dtype"): _Uint8,
     ("_codecs", "encode"): _latin1_encode,  # bytes in a protocol-2 pickle written by Python 3
 }
 
 
-class _RefusedGlobal(pickle.UnpicklingError):
-    pass
-
-
 class _CifarUnpickler(pickle.Unpickler):
-    """Admits only the globals that CIFAR-10's python batches need to rebuild numpy arrays."""
+    """Admits only the globals that CIFAR-10's python batches need to rebuild their uint8 arrays."""
 
-    def __init__(self, file, path: Path):
+    def __init__(self, file):
         super().__init__(file, encoding="bytes")
-        self.path = path
 
     def find_class(self, module: str, name: str):
         if (module, name) in _PICKLE_ALLOWED:
             return _PICKLE_ALLOWED[(module, name)]
-        raise _RefusedGlobal(f"{self.path}: refused to unpickle the global {module}.{name}; a CIFAR-10 python "
-                             "batch holds only dicts, lists, bytes, numbers and numpy arrays, so nothing else "
-                             "is loaded (and no code in the file runs)")
+        raise _RefusedPickle(f"refused to unpickle the global {module}.{name}")
 
     def persistent_load(self, pid):
-        raise _RefusedGlobal(f"{self.path}: refused a persistent id; a CIFAR-10 python batch has none")
+        raise _RefusedPickle("refused a persistent id")
 
 
 def _get(batch: dict, key: str):
     for k in (key.encode(), key):
         if k in batch:
-            return batch[k]
+            value = batch[k]
+            return value.array if isinstance(value, _PickledArray) else value
     return None
 
 
 def _cifar_python_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
-        batch = _CifarUnpickler(io.BytesIO(path.read_bytes()), path).load()
-    except _RefusedGlobal:
-        raise
+        batch = _CifarUnpickler(io.BytesIO(path.read_bytes())).load()
+    except _RefusedPickle as e:
+        raise _RefusedPickle(f"{path}: {e}; a CIFAR-10 python batch holds only a dict of bytes, lists of numbers and "
+                            "a uint8 array built from its own bytes, so nothing else is loaded (and no code in the "
+                            "file runs)") from None
     except Exception as e:  # a malformed pickle can fail in many ways; each means the same to the user
         raise ValueError(f"{path}: not a readable CIFAR-10 python batch ({type(e).__name__}: {e}); expected a "
                          "complete pickle of a dict with keys b'data' and b'labels'") from e
@@ -99,7 +153,7 @@ def _cifar_python_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{path}: b'data' is {desc}; expected a uint8 array (N, 3072)")
     if not (isinstance(labels, np.ndarray) or (isinstance(labels, list) and all(type(v) is int for v in labels))):
         raise ValueError(f"{path}: b'labels' is a {type(labels).__name__}; expected a list of integers")
-    labels = check_label_array(np.asarray(labels), data.shape[0], path, "b'labels'")
+    labels = check_class_array(np.asarray(labels), data.shape[0], f"{path}: b'labels'", per="image")
     return data.reshape(-1, 3, 32, 32), labels
 
 

@@ -17,6 +17,7 @@ import torch
 from ot_cfm.data import TensorSampler, held_out_split, load_digits
 from ot_cfm.images.cifar import CIFAR10_CLASSES, CIFAR_FOLDERS, read_cifar10
 from ot_cfm.images.readers import MNIST_FILES, NO_DOWNLOAD, class_names_of, read_array_file, read_image_folder, read_mnist
+from ot_cfm.utils.validation import check_seed
 
 __all__ = ["IMAGE_DATASETS", "ImageDataset", "load_image_dataset"]
 
@@ -101,6 +102,8 @@ def load_image_dataset(name_or_path: str | os.PathLike = "digits", *, root: str 
 
     Returns an ``ImageDataset``: images (N, C, H, W) in [-1, 1] of ``dtype``, labels (N,) int64.
     """
+    if not isinstance(seed, torch.Generator):
+        check_seed(seed)
     if isinstance(name_or_path, str) and name_or_path in IMAGE_DATASETS:
         kind = "npy" if name_or_path == "npz" else name_or_path
         if kind == "digits":
@@ -131,7 +134,10 @@ def load_image_dataset(name_or_path: str | os.PathLike = "digits", *, root: str 
         classes = class_names_of(labels.numpy())
     else:
         images, labels, classes = read_image_folder(path, mode=mode, size=size, dtype=dtype)
-    train, held = held_out_split(images.shape[0], held_out_fraction, seed)
+    try:
+        train, held = held_out_split(images.shape[0], held_out_fraction, seed)
+    except ValueError as e:
+        raise ValueError(f"{path or kind}: {e}") from None
     seed_text = "a torch.Generator" if isinstance(seed, torch.Generator) else f"seed {seed}"
     return ImageDataset(kind, images[train], labels[train], images[held], labels[held], classes,
                         f"seeded split: {held.numel()} of {images.shape[0]} images held out ({seed_text})")

@@ -9,7 +9,8 @@ labels (N,) int64. Pixel scaling, per source:
     float arrays with a negative value, all in [-1, 1]: x = v                 (already scaled)
 
 A missing, truncated or malformed file raises an error naming the file and what was expected. Array files
-are read with ``allow_pickle=False``.
+hold no pickles; sizes that headers announce are read only as far as the file's bytes go, and labels must
+lie below ``ot_cfm.utils.validation.MAX_CLASSES``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from ot_cfm.data.arrays import NumpyFile, read_at_most
+from ot_cfm.utils.validation import check_class_array
 
 __all__ = ["IMAGE_EXTENSIONS", "read_idx", "read_mnist", "read_array_file", "read_image_folder"]
 
@@ -89,16 +93,6 @@ def _to_nchw(array: np.ndarray, path: Path, layout: str) -> np.ndarray:
     return array
 
 
-def check_label_array(labels: np.ndarray, n: int, path: Path, what: str = "labels") -> np.ndarray:
-    if labels.ndim != 1 or labels.shape[0] != n:
-        raise ValueError(f"{path}: {what} of shape {labels.shape}; expected one per image, shape ({n},)")
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"{path}: {what} of dtype {labels.dtype}; expected integers")
-    if labels.size and labels.min() < 0:
-        raise ValueError(f"{path}: {what} include {labels.min()}; expected class indices >= 0")
-    return labels.astype(np.int64)
-
-
 def class_names_of(labels: np.ndarray) -> tuple[str, ...]:
     return tuple(str(k) for k in range(int(labels.max()) + 1 if labels.size else 1))
 
@@ -111,39 +105,39 @@ def require_file(path: Path, expected: str) -> Path:
 
 # ---------------------------------------------------------------- MNIST (IDX files)
 
-def _read_maybe_gzipped(path: Path) -> bytes:
-    raw = path.read_bytes()
-    if raw[:2] != b"\x1f\x8b":
-        return raw
-    try:
-        return gzip.decompress(raw)
-    except (EOFError, OSError, zlib.error) as e:
-        raise ValueError(f"{path}: truncated or corrupt gzip data ({e}); expected a complete gzipped IDX file") from e
-
-
 def read_idx(path: str | os.PathLike, ndim: int) -> np.ndarray:
     """An IDX file of unsigned bytes with ``ndim`` dimensions (gzipped or not) as a uint8 array.
 
     Header: magic number 0x0800 + ndim as a big-endian int32 (2051 for images, 2049 for labels),
     then ``ndim`` big-endian int32 sizes; the file must hold exactly their product of bytes after it.
+    At most that many bytes and one more are read (and decompressed), whatever the file holds.
     """
     path = require_file(Path(path), f"an IDX file with {ndim} dimension(s)")
-    raw = _read_maybe_gzipped(path)
     expected_magic, header = 0x0800 + ndim, 4 + 4 * ndim
-    magic = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
-    if magic != expected_magic:
-        found = f"magic number {magic}" if magic is not None else f"only {len(raw)} bytes"
-        raise ValueError(f"{path}: {found}; expected {expected_magic} (IDX, unsigned bytes, {ndim} dimension(s))")
-    if len(raw) < header:
-        raise ValueError(f"{path}: {len(raw)} bytes, shorter than the {header}-byte header of an IDX file "
-                         f"with {ndim} dimension(s) (truncated)")
-    dims = tuple(int(d) for d in np.frombuffer(raw[4:header], dtype=">u4"))
-    size = math.prod(dims)
-    if len(raw) - header != size:
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    try:
+        with gzip.open(path) if gzipped else open(path, "rb") as f:
+            head = read_at_most(f, header)
+            magic = int.from_bytes(head[:4], "big") if len(head) >= 4 else None
+            if magic != expected_magic:
+                found = f"magic number {magic}" if magic is not None else f"only {len(head)} bytes"
+                raise ValueError(f"{path}: {found}; expected {expected_magic} (IDX, unsigned bytes, {ndim} dimension(s))")
+            if len(head) < header:
+                raise ValueError(f"{path}: {len(head)} bytes, shorter than the {header}-byte header of an IDX file "
+                                 f"with {ndim} dimension(s) (truncated)")
+            dims = tuple(int(d) for d in np.frombuffer(head[4:], dtype=">u4"))
+            size = math.prod(dims)
+            data = read_at_most(f, size + 1)
+    except (EOFError, OSError, zlib.error) as e:
+        if not gzipped:
+            raise
+        raise ValueError(f"{path}: truncated or corrupt gzip data ({e}); expected a complete gzipped IDX file") from e
+    if len(data) != size:
         raise ValueError(f"{path}: the header announces shape {dims}, {size} bytes of data, but the file holds "
-                         f"{len(raw) - header} bytes after its {header}-byte header"
-                         + (" (truncated)" if len(raw) - header < size else ""))
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+                         f"{len(data)}{' or more' if len(data) > size else ''} bytes after its {header}-byte header"
+                         + (" (truncated)" if len(data) < size else ""))
+    return np.frombuffer(data, dtype=np.uint8).reshape(dims)
 
 
 def _find_mnist_file(root: Path, name: str) -> Path:
@@ -181,24 +175,18 @@ def read_mnist(root: str | os.PathLike, split: str = "train", *,
 _IMAGE_KEYS, _LABEL_KEYS = ("images", "x"), ("labels", "y")
 
 
-class _ArrayKeyError(ValueError):
-    pass
-
-
 def _load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     """(images array, labels array or None) as stored in a .npy or .npz file."""
-    with open(path, "rb") as f:
-        loaded = np.load(f, allow_pickle=False)
-        if isinstance(loaded, np.ndarray):
-            return loaded, None
-        with loaded:
-            keys = list(loaded.files)
-            image_keys = [k for k in _IMAGE_KEYS if k in keys] or [k for k in keys if k not in _LABEL_KEYS]
-            if not image_keys or (len(image_keys) > 1 and image_keys[0] not in _IMAGE_KEYS):
-                raise _ArrayKeyError(f"{path}: arrays {keys}; expected the images under 'images' or 'x' "
-                                     "(or as the only array besides 'labels' / 'y')")
-            label_key = next((k for k in _LABEL_KEYS if k in keys), None)
-            return loaded[image_keys[0]], (loaded[label_key] if label_key else None)
+    with NumpyFile(path) as file:
+        keys = file.keys
+        if keys is None:
+            return file.read(), None
+        image_keys = [k for k in _IMAGE_KEYS if k in keys] or [k for k in keys if k not in _LABEL_KEYS]
+        if not image_keys or (len(image_keys) > 1 and image_keys[0] not in _IMAGE_KEYS):
+            raise ValueError(f"{path}: arrays {keys}; expected the images under 'images' or 'x' "
+                             "(or as the only array besides 'labels' / 'y')")
+        label_key = next((k for k in _LABEL_KEYS if k in keys), None)
+        return file.read(image_keys[0]), (file.read(label_key) if label_key else None)
 
 
 def read_array_file(path: str | os.PathLike, *, layout: str = "auto",
@@ -215,16 +203,10 @@ def read_array_file(path: str | os.PathLike, *, layout: str = "auto",
     Returns images (N, C, H, W) and labels (N,) int64.
     """
     path = require_file(Path(path), "a .npy or .npz array file")
-    try:
-        array, labels = _load_arrays(path)
-    except _ArrayKeyError:
-        raise
-    except Exception as e:  # numpy and zipfile fail on damaged files in many ways; each means the same here
-        raise ValueError(f"{path}: not a readable .npy / .npz array file ({type(e).__name__}: {e}); expected an "
-                         "array saved by numpy.save or numpy.savez, without pickled objects") from e
+    array, labels = _load_arrays(path)
     images = _scale_array(_to_nchw(array, path, layout), path, dtype)
     labels = (np.zeros(images.shape[0], dtype=np.int64) if labels is None
-              else check_label_array(labels, images.shape[0], path))
+              else check_class_array(labels, images.shape[0], f"{path}: labels", per="image"))
     return images, torch.from_numpy(labels)
 
 

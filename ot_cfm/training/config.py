@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from ot_cfm.training.distributed import COUPLING_MODES
 from ot_cfm.training.execution import PRECISIONS
+from ot_cfm.utils.validation import check_seed
 
 __all__ = ["TrainConfig", "TrainResult"]
 
@@ -73,6 +74,7 @@ class TrainConfig:
     coupling_mode: str = "global"
 
     def __post_init__(self):
+        check_seed(self.seed)
         if self.coupling_mode not in COUPLING_MODES:
             raise ValueError(f"coupling_mode must be one of {COUPLING_MODES}, got {self.coupling_mode!r}")
         if self.precision not in PRECISIONS:

@@ -6,10 +6,22 @@ nothing here asserts, so checks survive ``python -O``.
 
 from __future__ import annotations
 
+import numbers
+
+import numpy as np
 import torch
 
 __all__ = ["check_batch", "check_pair", "check_labels", "check_time", "expand_like", "as_time_tensor", "check_images",
-           "check_int64_labels"]
+           "check_int64_labels", "MAX_CLASSES", "check_class_array", "MAX_SEED", "check_seed"]
+
+
+#: the most classes a loaded file may label: labels must lie in 0..MAX_CLASSES - 1. A class-conditional model
+#: embeds max label + 2 rows (the classes and the null label) and the image loaders name every class, so a label
+#: read from a file bounds memory; 100 000 is several times ImageNet-21k's 21 841 classes.
+MAX_CLASSES = 100_000
+
+#: the largest seed: seeds are integers in [0, 2**63 - 1] (int64, what every generator takes without wrapping)
+MAX_SEED = 2**63 - 1
 
 
 def check_batch(x: torch.Tensor, name: str = "x", *, min_ndim: int = 2) -> torch.Tensor:
@@ -106,3 +118,30 @@ def check_int64_labels(labels: torch.Tensor, n: int, num_classes: int | None, na
     check_labels(labels, n, name, num_classes=num_classes)
     if labels.dtype != torch.int64:
         raise ValueError(f"{name} has dtype {labels.dtype}; expected int64 class indices (labels.long())")
+
+
+def check_class_array(labels: np.ndarray, n: int, name: str, *, per: str = "sample") -> np.ndarray:
+    """Class labels read from a file -> int64 (n,): one per ``per``, integers (floats with integer values
+    pass) in 0..MAX_CLASSES - 1. ``name`` (the file and the labels' key) starts every message."""
+    if labels.ndim != 1 or labels.shape[0] != n:
+        raise ValueError(f"{name} of shape {labels.shape}; expected one per {per}, shape ({n},)")
+    if np.issubdtype(labels.dtype, np.floating):
+        if not (np.isfinite(labels).all() and (labels == np.round(labels)).all()):
+            raise ValueError(f"{name} are not integers; expected class indices 0, 1, ...")
+    elif not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{name} of dtype {labels.dtype}; expected integers")
+    if labels.size and labels.min() < 0:
+        raise ValueError(f"{name} include {labels.min()}; expected class indices >= 0")
+    top = labels.max() if labels.size else 0
+    if top >= MAX_CLASSES:
+        shown = int(top) if top < 2**63 else float(top)
+        raise ValueError(f"{name} include {shown}; expected class indices below MAX_CLASSES = {MAX_CLASSES} (label k "
+                         "means k + 1 classes, and a conditional model holds one embedding row per class)")
+    return labels.astype(np.int64)
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    """``seed`` as an int, or ValueError unless it is an integer in [0, MAX_SEED] (bools are refused)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"{name} must be an integer in [0, 2**63 - 1], got {seed!r}")
+    return int(seed)
