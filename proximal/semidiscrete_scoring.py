@@ -10,6 +10,7 @@ solver (``proximal.semidiscrete_solver``).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import torch
@@ -32,6 +33,7 @@ class _Pass:
     gap_scale: float  # median gap between the best and the k-th best score
     cell_sums: torch.Tensor  # (N, d) sum of the samples x in each hard cell, float64
     cell_squares: torch.Tensor  # (N,) sum of |x|^2 over each hard cell, float64
+    radius: float  # largest |x| of the batch
     soft_counts: torch.Tensor | None = None  # (N,) sum of softmax((<x, y> - g) / eps) over the batch
     hessian: torch.Tensor | None = None  # (N, N) Laplacian of the entropic dual, per sample
 
@@ -96,7 +98,7 @@ def _batch_pass(y: torch.Tensor, g: torch.Tensor, draws: tuple[Callable, Callabl
     pair_weights = torch.zeros(num * num, dtype=torch.float64, device=y.device) if eps is not None else None
     cell_sums = torch.zeros(num, y.shape[1], dtype=torch.float64, device=y.device)
     cell_squares = torch.zeros(num, dtype=torch.float64, device=y.device)
-    best_score = square_norm = 0.0
+    best_score = square_norm = largest_square = 0.0
     gaps, gap_rows, seen = [], 0, 0
     yt, neg_g = y.T.contiguous(), -g.to(y.dtype)
     for half, draw in enumerate(draws):
@@ -117,7 +119,9 @@ def _batch_pass(y: torch.Tensor, g: torch.Tensor, draws: tuple[Callable, Callabl
             counts[half] += torch.bincount(cells, minlength=num)
             x64 = x.to(torch.float64)
             cell_sums.index_add_(0, cells, x64)
-            cell_squares.index_add_(0, cells, x64.square().sum(1))
+            squares = x64.square().sum(1)
+            cell_squares.index_add_(0, cells, squares)
+            largest_square = max(largest_square, float(squares.max()))
             if ranked == 0:
                 continue
             if gap_rows < _GAP_ROWS:
@@ -138,4 +142,5 @@ def _batch_pass(y: torch.Tensor, g: torch.Tensor, draws: tuple[Callable, Callabl
         pair = pair_weights.reshape(num, num)
         hessian = (torch.diag(pair.sum(1)) - pair) / (eps * max(seen, 1))
     gap_scale = float(torch.cat(gaps).median()) if k > 1 and gaps else 1.0
-    return _Pass(counts, n, best_score, square_norm, gap_scale, cell_sums, cell_squares, soft_counts, hessian)
+    return _Pass(counts, n, best_score, square_norm, gap_scale, cell_sums, cell_squares, math.sqrt(largest_square),
+                 soft_counts, hessian)

@@ -118,8 +118,9 @@ def _gaussian_start(y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def _solve(start: DiscreteBrenierPotential, *, source, tol, max_time, max_iters, method, generator, progress, qmc,
-           batch_size, chunk_size, threads) -> tuple[torch.Tensor, FitReport]:
-    """The solver loop of ``fit_discrete_potential`` (arguments checked there): float64 duals and the report."""
+           batch_size, chunk_size, threads) -> tuple[torch.Tensor, FitReport, float]:
+    """The solver loop of ``fit_discrete_potential`` (arguments checked there): float64 duals (N,), the report
+    and the largest |x| of the samples drawn."""
     y, w = start.support, start.weights.to(torch.float64)
     num, dim = y.shape
     chunk = chunk_size or max(256, min(2 ** 16, 2 ** 22 // num))
@@ -131,7 +132,7 @@ def _solve(start: DiscreteBrenierPotential, *, source, tol, max_time, max_iters,
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=None, desc=f"semidiscrete {method}", unit="step")
-    history, samples, clock = [], 0, time.perf_counter()
+    history, samples, radius, clock = [], 0, 0.0, time.perf_counter()
     eps, eps_start, converged = None, None, False
     damping, previous_tv, hard, before = 1.0, None, False, None
     for it in range(max_iters):
@@ -139,7 +140,7 @@ def _solve(start: DiscreteBrenierPotential, *, source, tol, max_time, max_iters,
             hard, eps = True, eps_start  # the hard stage's trust region starts at its widest
         # the hard stage's Laplacian is smoothed at a fixed eps: at the last entropic eps it is mostly noise
         passed = _batch_pass(y, g, draws, batch, chunk, eps_start * _HARD_SMOOTHING if hard else eps, soft=not hard)
-        samples += batch
+        samples, radius = samples + batch, max(radius, passed.radius)
         tv, noise = passed.tv(w)
         seconds = time.perf_counter() - clock
         history.append((it, seconds, tv, noise, batch))
@@ -189,4 +190,4 @@ def _solve(start: DiscreteBrenierPotential, *, source, tol, max_time, max_iters,
     report = FitReport(method=method, tol=tol, tv=tv, tv_noise=noise, converged=converged, iterations=len(history),
                        seconds=seconds, samples=samples, map_cost=map_cost, cost_lower_bound=lower,
                        cost_upper_bound=upper, threads=threads, history=tuple(history))
-    return g, report
+    return g, report, radius
