@@ -26,8 +26,9 @@ No wait is unbounded. ``init_from_env`` gives the processes ``OT_CFM_DIST_RENDEZ
 60) to find each other at MASTER_ADDR:MASTER_PORT, then fails naming the torchrun variables it read: stale ones
 left in the environment of a single-process command say so within that time instead of waiting for peers that
 never come. Every collective of the group it initialises (the broadcasts, all-reduces and gathers of training)
-fails after ``OT_CFM_DIST_TIMEOUT`` seconds (default 600; torch's own default is 30 minutes) without a peer,
-one that died or was stopped. Both are also arguments of ``init_from_env``; a group the script initialised
+fails after ``OT_CFM_DIST_TIMEOUT`` seconds (default 600, torch's default for nccl; for gloo torch waits 30
+minutes) without a peer, one that died or was stopped: what rank 0 does alone between two steps (evaluation,
+checkpoints) must fit in it. Both are also arguments of ``init_from_env``; a group the script initialised
 itself keeps its own timeout. Torchrun variables that are no integers, or RANK outside 0 .. WORLD_SIZE - 1, are
 refused at once, naming the variable.
 """
