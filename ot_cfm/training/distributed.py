@@ -21,6 +21,16 @@ Batch k is a pure function of (seed, k) (``ot_cfm.training.batches``), so every 
   W solves of size B / W per step, one on each rank, no communication. ``LocalShards``.
 
 At W = 1 both are the single-process stream, batch for batch.
+
+No wait is unbounded. ``init_from_env`` gives the processes ``OT_CFM_DIST_RENDEZVOUS_TIMEOUT`` seconds (default
+60) to find each other at MASTER_ADDR:MASTER_PORT, then fails naming the torchrun variables it read: stale ones
+left in the environment of a single-process command say so within that time instead of waiting for peers that
+never come. Every collective of the group it initialises (the broadcasts, all-reduces and gathers of training)
+fails after ``OT_CFM_DIST_TIMEOUT`` seconds (default 600, torch's default for nccl; for gloo torch waits 30
+minutes) without a peer, one that died or was stopped: what rank 0 does alone between two steps (evaluation,
+checkpoints) must fit in it. Both are also arguments of ``init_from_env``; a group the script initialised
+itself keeps its own timeout. Torchrun variables that are no integers, or RANK outside 0 .. WORLD_SIZE - 1, are
+refused at once, naming the variable.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from __future__ import annotations
 import os
 import traceback
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Callable, Iterator
 
 import torch
@@ -37,13 +48,21 @@ from torch.utils.data import Dataset
 from ot_cfm.training.batches import _check_labelled, batch_generator, coupled_batch_stream
 from ot_cfm.utils.validation import check_pair
 
-__all__ = ["COUPLING_MODES", "TORCHRUN_VARIABLES", "DistributedContext", "init_from_env", "per_rank_batch",
+__all__ = ["COUPLING_MODES", "TORCHRUN_VARIABLES", "TIMEOUT_VARIABLE", "RENDEZVOUS_TIMEOUT_VARIABLE",
+           "DistributedContext", "init_from_env", "per_rank_batch",
            "GlobalBatches", "LocalShards", "distributed_batch_stream", "run_agreed", "all_agree"]
 
 #: TrainConfig.coupling_mode values
 COUPLING_MODES = ("global", "local")
 #: the environment variables torchrun sets that ``init_from_env`` needs
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+#: seconds a collective waits for the other ranks before it fails (default 600)
+TIMEOUT_VARIABLE = "OT_CFM_DIST_TIMEOUT"
+#: seconds the processes have to find each other when the group starts (default 60)
+RENDEZVOUS_TIMEOUT_VARIABLE = "OT_CFM_DIST_RENDEZVOUS_TIMEOUT"
+_DEFAULT_SECONDS = {TIMEOUT_VARIABLE: 600.0, RENDEZVOUS_TIMEOUT_VARIABLE: 60.0}
+#: the integers read from the environment (besides MASTER_ADDR): torchrun's and its LOCAL_ ones
+_INTEGER_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 
 @dataclass(frozen=True)
@@ -83,19 +102,24 @@ def per_rank_batch(batch_size: int, world_size: int) -> int:
     return batch_size // world_size
 
 
-def init_from_env(device: torch.device | str = "cpu") -> DistributedContext | None:
+def init_from_env(device: torch.device | str = "cpu", *, timeout: float | None = None,
+                  rendezvous_timeout: float | None = None) -> DistributedContext | None:
     """The process group this process belongs to, or None for a single process.
 
     An initialised group (``dist.init_process_group`` called by the script) is used as it is. Otherwise, when
     torchrun's variables (``TORCHRUN_VARIABLES``) say WORLD_SIZE > 1, the default group is initialised from
     them with the backend for ``device`` (nccl for CUDA, else gloo) and stays initialised for the process (the
-    script may ``dist.destroy_process_group()`` at its end). WORLD_SIZE > 1 with a variable missing is a
-    ValueError naming it.
+    script may ``dist.destroy_process_group()`` at its end). ``rendezvous_timeout`` (seconds; None: the
+    environment's OT_CFM_DIST_RENDEZVOUS_TIMEOUT, else 60) bounds the wait for the other processes, after which
+    a RuntimeError names the variables read; ``timeout`` (None: OT_CFM_DIST_TIMEOUT, else 600) bounds every
+    collective of the group. ValueError: WORLD_SIZE > 1 with a variable missing, a variable that is no integer,
+    RANK or LOCAL_RANK out of range, a timeout that is no positive number.
     """
     device = torch.device(device)
     if not (dist.is_available() and dist.is_initialized()):
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
+        values = _torchrun_integers()
+        world = values.get("WORLD_SIZE", 1)
+        if world == 1:
             return None
         missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
         if missing:
@@ -103,17 +127,83 @@ def init_from_env(device: torch.device | str = "cpu") -> DistributedContext | No
                              "torch.distributed.init_process_group before building the Trainer")
         if not dist.is_available():
             raise ValueError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-            dist.init_process_group("nccl", device_id=device)
-        else:
-            dist.init_process_group("gloo")
+        _initialise(device, values["RANK"], world, _seconds(timeout, "timeout", TIMEOUT_VARIABLE),
+                    _seconds(rendezvous_timeout, "rendezvous_timeout", RENDEZVOUS_TIMEOUT_VARIABLE))
     world = dist.get_world_size()
     if world == 1:
         return None
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    return DistributedContext(rank=dist.get_rank(), world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-                              local_world_size=local_world, backend=dist.get_backend())
+    values = _torchrun_integers(world)
+    return DistributedContext(rank=dist.get_rank(), world_size=world, local_rank=values.get("LOCAL_RANK", 0),
+                              local_world_size=values.get("LOCAL_WORLD_SIZE", world), backend=dist.get_backend())
+
+
+def _torchrun_integers(world: int | None = None) -> dict[str, int]:
+    """The integer torchrun variables that are set, checked: WORLD_SIZE (or ``world``, an initialised group's
+    size) >= 1, 0 <= RANK < WORLD_SIZE, 1 <= LOCAL_WORLD_SIZE, 0 <= LOCAL_RANK < LOCAL_WORLD_SIZE, a MASTER_PORT
+    in 1 .. 65535. ValueError naming the variable otherwise."""
+    values = {}
+    for name in _INTEGER_VARIABLES:
+        text = os.environ.get(name)
+        if text is None:
+            continue
+        try:
+            values[name] = int(text)
+        except ValueError:
+            raise ValueError(f"environment variable {name}={text!r} is not an integer ({_environment()}); torchrun "
+                             f"sets it for each process it starts: unset it for a single process") from None
+    world = values.get("WORLD_SIZE", 1) if world is None else world
+    local_world = values.get("LOCAL_WORLD_SIZE", world)
+    limits = {"WORLD_SIZE": (1, None), "LOCAL_WORLD_SIZE": (1, None), "RANK": (0, world - 1),
+              "LOCAL_RANK": (0, local_world - 1), "MASTER_PORT": (1, 2**16 - 1)}  # the sizes first
+    for name, (low, high) in limits.items():
+        value = values.get(name, low)
+        if value < low or (high is not None and value > high):
+            expected = f">= {low}" if high is None else f"in {low} .. {high}"
+            raise ValueError(f"environment variable {name}={value} must be {expected} ({_environment()}); "
+                             "torchrun sets these for each process it starts: unset them for a single process")
+    return values
+
+
+def _environment() -> str:
+    """The torchrun variables this process read, as ``NAME=value`` (or ``NAME unset``)."""
+    names = TORCHRUN_VARIABLES + ("LOCAL_RANK", "LOCAL_WORLD_SIZE")
+    return ", ".join(f"{n}={os.environ[n]}" if n in os.environ else f"{n} unset" for n in names)
+
+
+def _seconds(value: float | None, argument: str, variable: str) -> float:
+    """A timeout in seconds: ``value`` (the ``argument``), else the environment's ``variable``, else its default;
+    ValueError naming the argument or variable when it is no positive finite number."""
+    name = f"{argument}="
+    if value is None:
+        value, name = os.environ.get(variable, _DEFAULT_SECONDS[variable]), f"environment variable {variable}="
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise ValueError(f"{name}{value!r} must be a positive number of seconds")
+    return seconds
+
+
+def _initialise(device: torch.device, rank: int, world: int, timeout: float, rendezvous_timeout: float) -> None:
+    """``dist.init_process_group`` from torchrun's variables, its rendezvous bounded by ``rendezvous_timeout``
+    seconds and its collectives by ``timeout``: the store ``init_process_group(init_method="env://")`` makes,
+    made here with the shorter wait."""
+    try:
+        store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timedelta(seconds=rendezvous_timeout)))
+    except (RuntimeError, OSError) as err:  # torch's DistError is a RuntimeError
+        raise RuntimeError(
+            f"rank {rank} of {world} did not find the other processes (it waits at most {rendezvous_timeout:g} s, "
+            f"{RENDEZVOUS_TIMEOUT_VARIABLE}); it read {_environment()}. Stale torchrun variables in the environment "
+            "of a single-process command: unset them. Under torchrun: start every process and check that "
+            f"MASTER_ADDR:MASTER_PORT is reachable from each. (torch: {err})") from err
+    store.set_timeout(timedelta(seconds=timeout))
+    store = dist.PrefixStore("default_pg", store)  # as init_process_group keys its own rendezvous store
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout), device_id=device if cuda else None)
 
 
 def _draw(source: Callable, target: Callable, batch_size: int, generator: torch.Generator):

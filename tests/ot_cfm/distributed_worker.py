@@ -3,12 +3,12 @@ environment variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK, L
 
     python distributed_worker.py SCENARIO OUT JSON_OPTIONS
 
-Scenarios: "train" fits a Trainer (the options are TrainConfig fields, plus "resume" and "kill_at": SIGKILL
-this process when that step begins) and saves this rank's final weights and the steps at which it wrote
-checkpoints; "basics" (one start of the processes for several checks) saves this rank's rows of steps 0..2 in
-both coupling modes and the error each rank gets when the owner's coupling of step 0 fails, then trains one
-step in each mode ("global", "local"), two steps of a flow-and-score model ("score") and the run "whole"
-(10 steps, checkpoints every 4, one worker process), each in that subfolder of OUT.
+Scenarios: "train" fits a Trainer (the options are TrainConfig fields, plus "resume", "kill_at": SIGKILL this
+process when that step begins, and "stop_at": SIGSTOP rank 1 when that step begins) and saves this rank's final
+weights and the steps at which it wrote checkpoints; "basics" (one start of the processes for several checks) saves
+this rank's rows of steps 0..2 in both coupling modes and the error each rank gets when the owner's coupling of step
+0 fails, then trains one step in each mode ("global", "local"), two steps of a flow-and-score model ("score") and
+the run "whole" (10 steps, checkpoints every 4, one worker process), each in that subfolder of OUT.
 """
 
 import json
@@ -65,9 +65,10 @@ class _Failing(ExactOTCoupler):
 
 
 class _Recording(Trainer):
-    """Records the steps at which this process writes a checkpoint; SIGKILLs itself at step ``kill_at``."""
+    """Records the steps at which this process writes a checkpoint; SIGKILLs itself at step ``kill_at`` and, on rank
+    1, SIGSTOPs itself at step ``stop_at`` (it stays stopped until killed)."""
 
-    kill_at = None
+    kill_at = stop_at = None
     saved_at: list = []
 
     def save_checkpoint(self, path):
@@ -77,12 +78,15 @@ class _Recording(Trainer):
     def train_step(self, batch=None):
         if self.step == self.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.step == self.stop_at and self.distributed.rank == 1:
+            os.kill(os.getpid(), signal.SIGSTOP)
         return super().train_step(batch)
 
 
 def train(out: Path, rank: int, options: dict) -> None:
     options = dict(options)
     resume, _Recording.kill_at = options.pop("resume", False), options.pop("kill_at", None)
+    _Recording.stop_at = options.pop("stop_at", None)
     _Recording.saved_at = []
     trainer = make_trainer(options, _Recording)
     result = trainer.fit(resume=resume)

@@ -3,6 +3,7 @@ gives them, so the Trainer initialises the process group itself, as it does unde
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from distributed_worker import BASIC_RUNS, make_trainer
 
 from ot_cfm.cli import main
@@ -31,17 +33,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun_environment(rank: int, world: int, port: int, **extra: str) -> dict:
+    """This process's environment with the variables torchrun gives rank ``rank`` of ``world`` (and ``extra``)."""
+    return dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", **extra)
+
+
+def start_ranks(command: list[str], world: int = WORLD, **extra: str) -> list[subprocess.Popen]:
+    """``world`` processes of ``command`` (python arguments), started as torchrun would start them."""
+    port = free_port()
+    return [subprocess.Popen([sys.executable, *command], env=torchrun_environment(rank, world, port, **extra),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(world)]
+
+
 def launch(scenario: str, out: Path, options: dict | None = None, *, world: int = WORLD, expect_killed: bool = False,
            command: list[str] | None = None) -> list[str]:
     """Run ``world`` ranks of the worker script (or of ``command``) as torchrun would (its environment variables),
     wait for them; their outputs."""
-    port, procs = free_port(), []
-    command = command or [str(WORKER), scenario, str(out), json.dumps(options or {})]
-    for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, *command], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+    procs = start_ranks(command or [str(WORKER), scenario, str(out), json.dumps(options or {})], world)
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     for rank, (p, text) in enumerate(zip(procs, outputs)):
         if expect_killed:
@@ -76,6 +85,85 @@ def test_init_from_env_is_single_process_without_torchrun_and_names_a_missing_va
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(ValueError, match="MASTER_ADDR, MASTER_PORT not set"):
         init_from_env()
+
+
+BAD_ENVIRONMENTS = [  # (variables, what the error must say)
+    (dict(WORLD_SIZE="abc"), "WORLD_SIZE='abc' is not an integer"),
+    (dict(RANK="3", WORLD_SIZE="2"), "RANK=3 must be in 0 .. 1"),
+    (dict(RANK="-1", WORLD_SIZE="2"), "RANK=-1 must be in 0 .. 1"),
+    (dict(RANK="0", WORLD_SIZE="0"), "WORLD_SIZE=0 must be >= 1"),
+    (dict(RANK="1", WORLD_SIZE="1"), "RANK=1 must be in 0 .. 0"),  # stale, though one process
+    (dict(LOCAL_RANK="2", LOCAL_WORLD_SIZE="2"), "LOCAL_RANK=2 must be in 0 .. 1"),
+    (dict(LOCAL_RANK="zero"), "LOCAL_RANK='zero' is not an integer"),
+    (dict(MASTER_PORT="http"), "MASTER_PORT='http' is not an integer"),
+    (dict(MASTER_PORT="70000"), "MASTER_PORT=70000 must be in 1 .. 65535"),
+]
+
+
+@pytest.mark.parametrize("variables, message", BAD_ENVIRONMENTS)
+def test_init_from_env_refuses_inconsistent_torchrun_variables_before_any_wait(monkeypatch, variables, message):
+    def no_wait(*args, **kwargs):
+        raise AssertionError("init_from_env started a rendezvous")
+
+    monkeypatch.setattr(dist, "rendezvous", no_wait)
+    monkeypatch.setattr(dist, "init_process_group", no_wait)
+    for name in ("LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    # a complete set of torchrun variables, then the bad ones
+    for name, value in dict(dict(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500"),
+                            **variables).items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=re.escape(message)) as error:
+        init_from_env()
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # what it read, for those it did not name
+        assert f"{name}=" in str(error.value)
+
+
+def test_init_from_env_refuses_a_timeout_that_is_no_positive_number(monkeypatch):
+    monkeypatch.setattr(dist, "rendezvous", lambda *args, **kwargs: pytest.fail("init_from_env started a rendezvous"))
+    for name, value in dict(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500").items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=re.escape("timeout=-1 must be a positive number of seconds")):
+        init_from_env(timeout=-1)
+    with pytest.raises(ValueError, match=re.escape("rendezvous_timeout=nan must be a positive number")):
+        init_from_env(rendezvous_timeout=float("nan"))
+    monkeypatch.setenv("OT_CFM_DIST_TIMEOUT", "ten")
+    with pytest.raises(ValueError, match=re.escape("variable OT_CFM_DIST_TIMEOUT='ten' must be a positive number")):
+        init_from_env()
+    monkeypatch.setenv("OT_CFM_DIST_TIMEOUT", "600")
+    monkeypatch.setenv("OT_CFM_DIST_RENDEZVOUS_TIMEOUT", "0")
+    with pytest.raises(ValueError, match=re.escape("OT_CFM_DIST_RENDEZVOUS_TIMEOUT='0' must be a positive number")):
+        init_from_env()
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_single_command_with_stale_torchrun_variables_fails_naming_them_after_the_rendezvous_timeout(tmp_path, rank):
+    # rank 0 waits for a rank 1 that never comes; rank 1 for a rank 0 that does not listen
+    port = free_port()
+    env = torchrun_environment(rank, 2, port, OT_CFM_DIST_RENDEZVOUS_TIMEOUT="2")
+    del env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"]
+    done = subprocess.run([sys.executable, "-m", "ot_cfm.cli", "train", "--steps", "1", "--no-progress",
+                           "--out", str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert (f"ot-cfm train: error: rank {rank} of 2 did not find the other processes (it waits at most 2 s, "
+            f"OT_CFM_DIST_RENDEZVOUS_TIMEOUT); it read RANK={rank}, WORLD_SIZE=2, MASTER_ADDR=127.0.0.1, "
+            f"MASTER_PORT={port}, LOCAL_RANK unset, LOCAL_WORLD_SIZE unset. Stale torchrun variables") in done.stderr
+
+
+@pytest.mark.slow
+def test_a_stopped_peer_fails_the_other_rank_with_a_timeout_after_the_configured_seconds(tmp_path):
+    # rank 1 stops itself (SIGSTOP) as step 2 of 10 begins; rank 0 waits in that step's collectives
+    procs = start_ranks([str(WORKER), "train", str(tmp_path), json.dumps(dict(steps=10, stop_at=2))],
+                        OT_CFM_DIST_TIMEOUT="5")
+    try:
+        text = procs[0].communicate(timeout=120)[0]
+        assert procs[1].poll() is None  # stopped, not ended
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+    assert procs[0].returncode == 1, text
+    assert "Timed out waiting 5000ms" in text, text  # the configured timeout, not torch's 30 minutes
 
 
 @pytest.fixture(scope="module")

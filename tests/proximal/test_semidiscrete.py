@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from ot_cfm.data import toy_sampler
-from proximal import semidiscrete
+from proximal import semidiscrete, semidiscrete_report, semidiscrete_solver
 from proximal.discrete import DiscreteBrenierPotential
 from proximal.grid import GridPotential
-from proximal.semidiscrete import FitReport, _batch_pass, _cost_bounds, cell_masses, fit_discrete_potential
+from proximal.semidiscrete import FitReport, cell_masses, fit_discrete_potential
+from proximal.semidiscrete_report import _cost_bounds
+from proximal.semidiscrete_scoring import _batch_pass
 
 # 4 x 3 tensor grid with unequal weights: its exact duals come from 1D Gaussian quantiles.
 GRID = GridPotential([torch.tensor([-1.5, -0.2, 0.4, 1.7]), torch.tensor([-1.0, 0.1, 1.2])],
@@ -187,7 +189,7 @@ def test_cost_bounds_bracket_the_ot_cost_of_the_sample(exact_repair, monkeypatch
     """For any duals g: dual value <= W(mu0_n, mu1) <= cost of the repaired coupling, W solved exactly by POT
     on the very sample (n = 400 points against 20 weighted targets). The map's own cost bounds nothing."""
     if not exact_repair:  # the proportional repair used when there are too many cell pairs for the exact one
-        monkeypatch.setattr(semidiscrete, "_EXACT_REPAIR_PAIRS", 0)
+        monkeypatch.setattr(semidiscrete_report, "_EXACT_REPAIR_PAIRS", 0)
     gen = torch.Generator().manual_seed(2)
     y = torch.randn(20, 2, generator=gen, dtype=torch.float64)
     w = torch.softmax(torch.randn(20, generator=gen, dtype=torch.float64), 0)
@@ -323,7 +325,7 @@ def test_gaussian_start_is_the_c_transform_of_the_gaussian_map():
     y = torch.randn(50, 2, generator=gen, dtype=torch.float64) @ mixing.T + torch.tensor([1.0, -2.0, 0.5],
                                                                                           dtype=torch.float64)
     w = torch.softmax(torch.randn(50, generator=gen, dtype=torch.float64), 0)
-    g = semidiscrete._gaussian_start(y, w)
+    g = semidiscrete_solver._gaussian_start(y, w)
     mean = w @ y
     values, vectors = torch.linalg.eigh((y - mean).T @ ((y - mean) * w[:, None]))
     values = values.clamp_min(0)
@@ -343,7 +345,7 @@ def test_gaussian_start_fills_the_cells_of_an_anisotropic_support():
     w = torch.full((300,), 1 / 300, dtype=torch.float64)
     centred = y - y.mean(0)
     isotropic = centred.square().sum(1) / (2 * float(centred.square().mean()) ** 0.5)
-    _, tv_gaussian = cell_masses(DiscreteBrenierPotential(y, w, semidiscrete._gaussian_start(y, w)), 2 ** 16, generator=0)
+    _, tv_gaussian = cell_masses(DiscreteBrenierPotential(y, w, semidiscrete_solver._gaussian_start(y, w)), 2 ** 16, generator=0)
     _, tv_isotropic = cell_masses(DiscreteBrenierPotential(y, w, isotropic - isotropic.mean()), 2 ** 16, generator=0)
     assert tv_gaussian < 0.25 < 0.6 < tv_isotropic, (tv_gaussian, tv_isotropic)  # measured: 0.22 and 0.73
 
@@ -353,7 +355,7 @@ def test_an_empty_cell_no_longer_freezes_the_newton_step():
     (w_j - m_j) / (0.05 w_j / eps) = 20 eps; the whole step was scaled to 2 eps by it, so the other cells moved
     a tenth of their Newton step and eps never halved. Now the empty cell takes Sinkhorn's move, clamped to
     -2 eps, and the others their full Newton step given it."""
-    eps, damping = 0.5, semidiscrete._FLOOR
+    eps, damping = 0.5, semidiscrete_solver._FLOOR
     w = torch.tensor([0.3, 0.3, 0.2, 0.1, 0.1], dtype=torch.float64)
     edges = torch.tensor([[0, 1, 0.4], [1, 2, 0.3], [2, 3, 0.2], [0, 3, 0.1]], dtype=torch.float64)
     hessian = torch.zeros(5, 5, dtype=torch.float64)
@@ -367,20 +369,20 @@ def test_an_empty_cell_no_longer_freezes_the_newton_step():
     # the old rule: one damped Newton solve for all cells, scaled by its largest move
     old = torch.linalg.solve(hessian + torch.diag(damping * w / eps), residual)
     assert float(old[4]) == pytest.approx(-20 * eps, rel=1e-12)  # the empty cell: 20 eps, 10x the bound 2 eps
-    assert float((old - old.mean()).abs().max()) > 4 * semidiscrete._TRUST * eps
-    delta, unscaled = semidiscrete._newton_step(hessian, masses, w, eps, damping, entropic=True)
+    assert float((old - old.mean()).abs().max()) > 4 * semidiscrete_solver._TRUST * eps
+    delta, unscaled = semidiscrete_solver._newton_step(hessian, masses, w, eps, damping, entropic=True)
     assert unscaled
     bulk = torch.linalg.solve(hessian[:4, :4] + torch.diag(damping * w[:4] / eps), residual[:4])
-    expected = torch.cat([bulk, torch.tensor([-semidiscrete._TRUST * eps], dtype=torch.float64)])
+    expected = torch.cat([bulk, torch.tensor([-semidiscrete_solver._TRUST * eps], dtype=torch.float64)])
     torch.testing.assert_close(delta, expected - expected.mean(), rtol=1e-12, atol=1e-12)
     # a cell at 1/e of its weight moves eps log(1/e) = -eps, the Sinkhorn update
     masses[4] = 0.1 / math.e
-    delta, _ = semidiscrete._newton_step(hessian, masses, w, eps, damping, entropic=True)
+    delta, _ = semidiscrete_solver._newton_step(hessian, masses, w, eps, damping, entropic=True)
     expected = torch.cat([bulk, torch.tensor([-eps], dtype=torch.float64)])
     torch.testing.assert_close(delta, expected - expected.mean(), rtol=1e-12, atol=1e-12)
     # the hard stage keeps every cell in the damped Newton solve, scaled to the bound
-    hard, unscaled = semidiscrete._newton_step(hessian, masses, w, eps, damping, entropic=False)
-    assert not unscaled and float(hard.abs().max()) == pytest.approx(semidiscrete._TRUST * eps)
+    hard, unscaled = semidiscrete_solver._newton_step(hessian, masses, w, eps, damping, entropic=False)
+    assert not unscaled and float(hard.abs().max()) == pytest.approx(semidiscrete_solver._TRUST * eps)
 
 
 def test_hard_stage_smooths_its_laplacian_at_a_fixed_eps_and_damps_on_the_first_eps(monkeypatch):
@@ -389,24 +391,24 @@ def test_hard_stage_smooths_its_laplacian_at_a_fixed_eps_and_damps_on_the_first_
     points the old rule (curvature, bound and damping all at eps_0 / 1024) took 9 passes of 2^21 samples from
     TV 0.0057 to 0.0049, one step of the new one goes to about 0.003."""
     seen = []
-    original = semidiscrete._batch_pass
+    original = semidiscrete_solver._batch_pass
 
     def recording(y, g, draws, n, chunk, eps=None, **kwargs):
         seen.append((eps, kwargs.get("soft", True)))
         return original(y, g, draws, n, chunk, eps, **kwargs)
 
-    monkeypatch.setattr(semidiscrete, "_batch_pass", recording)
+    monkeypatch.setattr(semidiscrete_solver, "_batch_pass", recording)
     fitted = fit_discrete_potential(EXACT3.support, EXACT3.weights, tol=0.002, max_time=60, generator=0,
                                     progress=False)
     assert fitted.fit_report.converged and fitted.fit_report.tv <= 0.002
     eps_start = seen[1][0]  # the first eps, set after the first pass
     hard = [eps for eps, soft in seen if not soft]
-    assert hard and all(eps == pytest.approx(eps_start * semidiscrete._HARD_SMOOTHING) for eps in hard)
+    assert hard and all(eps == pytest.approx(eps_start * semidiscrete_solver._HARD_SMOOTHING) for eps in hard)
     # the damping scale: mu w / damping_eps on the diagonal of the hard solve
     w = torch.tensor([0.5, 0.5], dtype=torch.float64)
     hessian = torch.tensor([[1.0, -1.0], [-1.0, 1.0]], dtype=torch.float64)
     masses = torch.tensor([0.6, 0.4], dtype=torch.float64)
-    delta, unscaled = semidiscrete._newton_step(hessian, masses, w, 1.0, 0.05, entropic=False, damping_eps=4.0)
+    delta, unscaled = semidiscrete_solver._newton_step(hessian, masses, w, 1.0, 0.05, entropic=False, damping_eps=4.0)
     expected = torch.linalg.solve(hessian + torch.diag(0.05 * w / 4.0), masses - w)
     assert unscaled
     torch.testing.assert_close(delta, expected - expected.mean(), rtol=1e-12, atol=1e-12)
