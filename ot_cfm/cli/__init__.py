@@ -31,6 +31,7 @@ from ot_cfm.cli.common import (
     _HelpWithDefaults,
     _image_only_options,
     _load_sampling_model,
+    _seed,
     _threads,
     _train_device,
     _workers,
@@ -185,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="MLP activation")
     train.add_argument("--time-embedding", choices=("concat", "sinusoidal"), default="concat",
                        help="how t enters the MLP")
-    train.add_argument("--seed", type=int, default=0, help="seed of the weights, batches and t draws")
+    train.add_argument("--seed", type=_seed, default=0, help="seed of the weights, batches and t draws")
     train.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints")
     train.add_argument("--workers", type=_workers, default="auto", metavar="{auto,N}",
                        help="processes that draw and couple batches ahead of the model step (0: none; auto: for "
@@ -224,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--steps", type=int, default=8, help="steps of fixed-step solvers")
     smp.add_argument("--max-nfe", type=int, default=10_000,
                      help="adaptive solvers stop with an error after this many field evaluations")
-    smp.add_argument("--seed", type=int, default=0, help="seed of the source draws")
+    smp.add_argument("--seed", type=_seed, default=0, help="seed of the source draws")
     smp.add_argument("--guidance", type=float, default=None,
                      help="class-conditional image checkpoints: classifier-free guidance scale (1.0 when not given); "
                           "the samples ask for the classes 0, 1, ..., K-1, 0, 1, ... in turn")

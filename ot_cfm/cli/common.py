@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ot_cfm.training.checkpoint import read_checkpoint
+from ot_cfm.utils.validation import check_seed
 
 COUPLERS = ("exact", "sinkhorn", "independent")
 PRECISION_CHOICES = ("fp32", "bf16", "fp16")
@@ -142,6 +143,14 @@ def _workers(text: str) -> int | str:
     if text.isdigit():
         return int(text)
     raise argparse.ArgumentTypeError(f"expected 'auto' or an integer >= 0, got {text!r}")
+
+
+def _seed(text: str) -> int:
+    """--seed: an integer in [0, 2**63 - 1] (torch's seeds), refused by argparse naming the option otherwise."""
+    try:
+        return check_seed(int(text), "the seed")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err) if text.lstrip("-").isdigit() else f"expected an integer, got {text!r}")
 
 
 def _threads(text: str) -> int | None:

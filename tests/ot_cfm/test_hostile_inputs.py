@@ -310,5 +310,15 @@ def test_largest_seed_is_accepted_and_splits_deterministically(tmp_path):
 def test_cli_huge_seed_names_the_argument(tmp_path, capsys):
     rows = tmp_path / "rows.npy"
     np.save(rows, np.arange(80.0).reshape(40, 2))
-    err = cli_error([*TRAIN, "--data", str(rows), "--seed", str(2**64), "--out", str(tmp_path / "run")], capsys)
-    assert "seed must be an integer in [0, 2**63 - 1]" in err
+    with pytest.raises(SystemExit) as stop:  # the parser refuses it, before the file is read
+        main([*TRAIN, "--data", str(rows), "--seed", str(2**64), "--out", str(tmp_path / "run")])
+    assert stop.value.code == 2 and "seed must be an integer in [0, 2**63 - 1]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["train", "--steps", "1"], ["sample", "checkpoint.pt"]])
+@pytest.mark.parametrize("seed", [str(2**64), "-1", "1.5"])
+def test_cli_seed_outside_int64_is_refused_by_the_parser_naming_the_option(command, seed, capsys):
+    """Toy, image and sample runs seed torch before any TrainConfig exists: the parser refuses the value first."""
+    with pytest.raises(SystemExit) as stop:
+        main([*command, "--seed", seed])
+    assert stop.value.code == 2 and "argument --seed:" in capsys.readouterr().err
