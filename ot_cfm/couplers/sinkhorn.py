@@ -21,7 +21,11 @@ The iterations run on the batches centred by one common point and divided by one
 same (exactly in exact arithmetic), while the squared norms no longer overflow (float32 points near
 1e20 gave an all-NaN plan) nor cancel under a common offset. ``solve`` reports f, g, epsilon and the
 cost back in the caller's cost units. A NaN or infinite potential raises RuntimeError: no plan or draw
-is ever made from one.
+is ever made from one. Nor from a plan that is not a coupling: before ``plan``, ``indices`` or ``solve``
+return, the plan's row and column sums are measured from the logits that ``plan`` and the draws use, and a
+miss beyond ``COUPLING_TOL`` raises RuntimeError (at an epsilon too small for the dtype, exp((f + g - C) / eps)
+is round-off: float32, B = 64, relative epsilon 1e-9 gave an infinite total mass while the iterations reported
+a marginal error of 0).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import torch
 
 from ot_cfm.couplers.base import Coupler, buffer_view, centre_and_scale, sample_rows
 
-__all__ = ["SinkhornCoupler", "SinkhornResult"]
+__all__ = ["SinkhornCoupler", "SinkhornResult", "COUPLING_TOL"]
 
 # default block: about 2^18 entries (1 MiB in float32): measured 3.6 ns per entry and half-step at
 # B = 8192, d = 2, one thread, against 4.1 ns for 2^22-entry blocks (which leave the cache)
@@ -49,6 +53,14 @@ _CACHE_ENTRIES = 2**22
 _EXP_FLOOR = -80.0
 # marginal tolerance of the stages before the last of an epsilon schedule (the last meets ``tol``)
 _STAGE_TOL = 1e-2
+#: L1 tolerance of the certificate of every returned plan, measured on the plan itself: its column error
+#: sum_j |P_.j - b_j| (0 in exact arithmetic: the last half-step fits g) must stay within COUPLING_TOL, and,
+#: when the iterations met ``tol``, its row error sum_i |P_i. - a_i| within tol + COUPLING_TOL (a plan that ran
+#: out of iterations misses its rows by what the RuntimeWarning says). A larger miss is round-off of
+#: exp((f + g - C) / eps) at an epsilon too small for the dtype: measured at B = 64, d = 2, float32, the columns
+#: miss by 3e-7 at the default relative epsilon 0.05, 2.1e-3 at 1e-5 (annealed), 1.2e-2 at 1e-6, 0.13 at 1e-7,
+#: 29 at 1e-9, and by inf at 1e-30 absolute.
+COUPLING_TOL = 1e-2
 
 
 @dataclass(frozen=True)
@@ -131,6 +143,21 @@ class _Blocks:
     def logits(self, rows: slice, g: torch.Tensor, eps: float) -> torch.Tensor:
         """(g_j - C_ij) / eps up to a constant of each row i, for i in ``rows``: shape (r, n1)."""
         return self.scores(rows, g - self.nb, 1.0 / eps)
+
+    def log_plan(self, rows: slice, f: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
+        """log P_ij = (f_i + g_j - C_ij) / eps - log(B0 B1) for i in ``rows``: shape (r, n1), in the work buffer."""
+        shift = (f[rows] - self.na[rows]) / eps - math.log(self.na.shape[0] * self.nb.shape[0])
+        return self.logits(rows, g, eps).add_(shift[:, None])
+
+    def marginal_errors(self, f: torch.Tensor, g: torch.Tensor, eps: float) -> tuple[float, float]:
+        """L1 errors (sum_i |P_i. - a_i|, sum_j |P_.j - b_j|) of the plan of (f, g), block by block, float64 sums."""
+        rows, cols = [], torch.zeros(self.nb.shape[0], dtype=torch.float64, device=f.device)
+        for s in range(0, self.na.shape[0], self.rows):
+            p = self.log_plan(slice(s, s + self.rows), f, g, eps).exp_()
+            rows.append(p.sum(1, dtype=torch.float64))
+            cols += p.sum(0, dtype=torch.float64)
+        return (float((torch.cat(rows) - 1.0 / self.na.shape[0]).abs().sum()),
+                float((cols - 1.0 / self.nb.shape[0]).abs().sum()))
 
     def cost_and_entropy(self, f: torch.Tensor, g: torch.Tensor, eps: float) -> tuple[float, float]:
         """(<P, C>, H(P)) of the plan of (f, g), in the scaled units, block by block with float64 sums."""
@@ -237,8 +264,9 @@ class SinkhornCoupler(Coupler):
         sharpness = entropy / math.log(n0 * n1) if n0 * n1 > 1 else 1.0
         return SinkhornResult(f, g, eps * s2, err, n_iters, converged, cost * s2, sharpness)
 
-    def _run(self, blocks: _Blocks, unit: float):
-        """(f, g, eps, marginal error, iterations, converged) in the scaled units, over the schedule's stages."""
+    def _run(self, blocks: _Blocks, unit: float, certify: bool = True):
+        """(f, g, eps, marginal error, iterations, converged) in the scaled units, over the schedule's stages;
+        with ``certify``, RuntimeError unless their plan is a coupling to ``COUPLING_TOL``."""
         log_a = -math.log(blocks.na.shape[0])
         f = torch.zeros_like(blocks.na)
         it, err, stages = 0, math.inf, self._schedule(unit)
@@ -260,6 +288,16 @@ class SinkhornCoupler(Coupler):
                 break
         _check_finite(f, g, eps, it)
         converged = err <= self.tol
+        if certify:
+            rows, cols = blocks.marginal_errors(f, g, eps)
+            if not (cols <= COUPLING_TOL and (not converged or rows <= self.tol + COUPLING_TOL)):
+                raise RuntimeError(
+                    f"Sinkhorn's plan is not a coupling: its marginals miss by {rows:.2e} (rows) and {cols:.2e} "
+                    f"(columns) in L1, beyond COUPLING_TOL = {COUPLING_TOL} (rows: tol + COUPLING_TOL), at epsilon "
+                    f"{self.epsilon:g} ({'relative' if self.relative else 'absolute'}; {eps:.3e} in units of the "
+                    f"centred, scaled cost) in {f.dtype}: exp((f + g - C) / epsilon) is round-off there. Expected "
+                    "a coupling: raise epsilon, pass float64 inputs, anneal to it (anneal_from), or use "
+                    "ExactOTCoupler for the unregularised plan")
         if not converged:
             warnings.warn(f"Sinkhorn stopped at max_iters={self.max_iters} with marginal error {err:.2e} > "
                           f"tol={self.tol}; raise max_iters or epsilon", RuntimeWarning, stacklevel=3)
@@ -281,9 +319,8 @@ class SinkhornCoupler(Coupler):
         """The entropic plan P of shape (B0, B1) (materialised: for moderate batches), on x0's device."""
         blocks, unit, _ = self._prepare(x0, x1)
         f, g, eps, *_ = self._run(blocks, unit)
-        c = (blocks.na[:, None] + blocks.nb[None, :] - 2.0 * blocks.a @ blocks.b.T).clamp_min_(0.0)
-        logp = (f[:, None] + g[None, :] - c) / eps
-        return torch.exp(logp - math.log(x0.shape[0] * x1.shape[0]))
+        return torch.cat([blocks.log_plan(slice(s, s + blocks.rows), f, g, eps).exp()
+                          for s in range(0, x0.shape[0], blocks.rows)])
 
     def assignment(self, x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
         """A permutation j (B,) pairing x0[i] with x1[j[i]], every point used once (B0 = B1 = B).
@@ -303,7 +340,7 @@ class SinkhornCoupler(Coupler):
         if x0.shape[0] != x1.shape[0]:
             raise ValueError(f"assignment needs equal batch sizes (a permutation), got {x0.shape[0]} and {x1.shape[0]}")
         blocks, unit, _ = self._prepare(x0, x1)
-        _, g, *_ = self._run(blocks, unit)
+        _, g, *_ = self._run(blocks, unit, certify=False)  # g only starts the prices: the auction certifies itself
         prices, delta = -g.double(), self.assign_tol * unit
         resolution = 2**6 * torch.finfo(torch.float64).eps * max(1.0, float(prices.abs().max()))
         if not delta > resolution:  # a bid that cannot raise a float64 price would never settle

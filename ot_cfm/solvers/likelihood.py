@@ -75,24 +75,43 @@ def draw_probes(like: torch.Tensor, num_probes: int = 1, kind: str = "rademacher
 
 def _field_and_divergence(field, t, x: torch.Tensor, probes: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(v (B, *shape), div v (B,)) at x: exact when ``probes`` is None, else the mean over probes (K, B, *shape)
-    of eps^T (dv/dx) eps. Both detached: nothing of the field's graph is kept."""
+    of eps^T (dv/dx) eps. Both detached: nothing of the field's graph is kept. An output that autograd does not
+    connect to x is accepted as a field constant in x (div v = 0) only after ``_check_constant_in_x``."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         v = field(t, x)
         if not isinstance(v, torch.Tensor) or v.shape != x.shape:
             got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
             raise ValueError(f"field returned shape {got} for x of shape {tuple(x.shape)}; expected equal shapes")
-        flat = v.reshape(x.shape[0], -1)
-        if not flat.requires_grad:  # the field does not depend on x (a constant): div v = 0
-            div = torch.zeros(x.shape[0], dtype=v.dtype, device=v.device)
-        elif probes is None:
-            dim = flat.shape[1]
-            div = sum(torch.autograd.grad(flat[:, k].sum(), x, retain_graph=k < dim - 1)[0].reshape(x.shape[0], -1)[:, k]
-                      for k in range(dim))
-        else:
-            div = sum((torch.autograd.grad((v * eps).sum(), x, retain_graph=k < len(probes) - 1)[0] * eps)
-                      .reshape(x.shape[0], -1).sum(1) for k, eps in enumerate(probes)) / len(probes)
+        flat, rows = v.reshape(x.shape[0], -1), x.shape[0]
+        div = torch.zeros(rows, dtype=v.dtype, device=v.device)
+        terms = flat.shape[1] if probes is None else len(probes)
+        for k in range(terms):
+            out = flat[:, k].sum() if probes is None else (v * probes[k]).sum()
+            grad = torch.autograd.grad(out, x, retain_graph=k < terms - 1, allow_unused=True)[0] \
+                if out.requires_grad else None
+            if grad is None:  # v is not a function of x for autograd (all terms alike: they share v's graph)
+                _check_constant_in_x(field, t, x, v)
+                break
+            grad = grad.reshape(rows, -1)
+            div += grad[:, k] if probes is None else (grad * probes[k].reshape(rows, -1)).sum(1)
+        if probes is not None:
+            div /= terms
     return v.detach(), div.detach()
+
+
+def _check_constant_in_x(field, t, x: torch.Tensor, v: torch.Tensor) -> None:
+    """ValueError unless field(t, .) returns v bit for bit at x' = x + 1 + |x| too (every coordinate moved by at
+    least 1 and by at least its own size, so that no float rounds it back): a field whose output autograd does
+    not connect to x has div v = 0 only if it is constant in x; one that detaches x (``x.detach()``, numpy,
+    ``torch.no_grad()``) changes there and has a divergence autograd cannot see."""
+    with torch.no_grad():
+        moved = field(t, x.detach() + 1 + x.detach().abs())
+    if not (isinstance(moved, torch.Tensor) and torch.equal(moved, v.detach())):
+        raise ValueError("the field's output does not depend on x through autograd (x.detach(), numpy or "
+                         "torch.no_grad() inside the field) but changes with x, so its divergence cannot be computed "
+                         "(it would be taken as 0); expected a field differentiable in x: compute it from x with "
+                         "torch operations and without detaching")
 
 
 def divergence(field, t: float | torch.Tensor, x: torch.Tensor, *, probes: torch.Tensor | None = None) -> torch.Tensor:
@@ -118,7 +137,8 @@ def log_likelihood(field, x: torch.Tensor, *, source=None, divergence: str = "au
 
     Args:
         field: callable field(t, x) -> (B, *shape) (a model, ``proximal.ExactVelocityField``, ...); it must be
-            differentiable in x. t is a 0-d tensor in x's dtype.
+            differentiable in x (ValueError for an output that autograd does not connect to x unless the field
+            returns the same values at a second point, i.e. is constant in x). t is a 0-d tensor in x's dtype.
         x: data points (B, *shape), finite.
         source: None for N(0, I) (log p0(z) = -|z|^2 / 2 - D log(2 pi) / 2), or any object with
             ``log_prob(z) -> (B,)`` for z of x's shape (a ``torch.distributions`` one: flatten images first).

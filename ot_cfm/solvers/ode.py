@@ -1,9 +1,12 @@
 """ODE sampling: integrate a field v(t, x) from noise at t = 0 to data at t = 1 with torchdyn's solvers.
 
-Integration goes through torchdyn's functional ``odeint`` (``torchdyn.numerics``), which imports
-neither pytorch_lightning nor torchvision. Every integration ends: a non-finite state or field value,
-a step size that no longer advances t, or more than ``max_nfe`` field evaluations (adaptive solvers)
-raises ``IntegrationError`` instead of looping.
+Adaptive solvers go through torchdyn's functional ``odeint`` (``torchdyn.numerics``, which imports neither
+pytorch_lightning nor torchvision). Fixed-step solvers call torchdyn's steppers in a loop of their own, with
+the times and steps ``odeint`` would take (the same results, bit for bit), keeping only the current state
+unless the trajectory is asked for: ``odeint`` stores every state (B x D per step) and checks each step's
+time against the whole grid (time quadratic in ``steps``). Every integration ends: a non-finite state or
+field value, a step size that no longer advances t, or more than ``max_nfe`` field evaluations (adaptive
+solvers) raises ``IntegrationError`` instead of looping.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 from ot_cfm.utils.validation import check_batch
 
 __all__ = ["SampleResult", "IntegrationError", "sample", "FIXED_STEP_SOLVERS", "ADAPTIVE_SOLVERS",
-           "DEFAULT_MAX_NFE"]
+           "DEFAULT_MAX_NFE", "MAX_FIXED_STEPS"]
 
 FIXED_STEP_SOLVERS = ("euler", "midpoint", "rk4")
 ADAPTIVE_SOLVERS = ("dopri5", "tsit5")
@@ -24,6 +27,11 @@ ADAPTIVE_SOLVERS = ("dopri5", "tsit5")
 # tolerances (50 on the default toy task); a stored trajectory of 101 points adds at most 6 per point.
 # 10,000 leaves a wide margin for rough or badly trained fields and still ends in seconds to minutes.
 DEFAULT_MAX_NFE = 10_000
+#: most steps of a fixed-step solver. Euler's error at 10^6 steps is about 1e-6 of the field's variation, as
+#: fine as float32 samples resolve, and a float32 time grid stops advancing near 1.7e7 steps on [0, 1] (ulp(1)
+#: = 1.2e-7); an adaptive solver reaches 1e-8 in hundreds of evaluations. The time grid, steps + 1 scalars
+#: (8 MB in float64 at the cap), is all that grows with steps when no trajectory is kept.
+MAX_FIXED_STEPS = 1_000_000
 
 
 class IntegrationError(RuntimeError):
@@ -121,7 +129,9 @@ def sample(field, x0: torch.Tensor, *, solver: str = "dopri5", steps: int | None
         atol, rtol: tolerances of the adaptive solvers, finite and > 0.
         return_trajectory: keep the states at every step (fixed) or at ``trajectory_points`` evenly
             spaced times (adaptive; the solver then also stops at those times, which raises the NFE).
-        enable_grad: keep the autograd graph (off by default: sampling is inference).
+            Without it a fixed-step solve keeps one state at a time: its memory does not grow with ``steps``
+            (but for the steps + 1 grid times; at most ``MAX_FIXED_STEPS`` steps).
+        enable_grad: keep the autograd graph (off by default: sampling is inference; the graph holds every step).
         max_nfe: most field evaluations an adaptive solver may use (default ``DEFAULT_MAX_NFE`` = 10,000;
             a well-trained field needs tens to hundreds). Fixed-step solvers use exactly ``steps`` x stages
             evaluations, so it must stay None for them.
@@ -142,6 +152,10 @@ def sample(field, x0: torch.Tensor, *, solver: str = "dopri5", steps: int | None
     if solver in FIXED_STEP_SOLVERS:
         if steps is None or isinstance(steps, bool) or int(steps) != steps or steps < 1:
             raise ValueError(f"solver {solver!r} is fixed-step: give an integer steps >= 1, got {steps}")
+        if steps > MAX_FIXED_STEPS:
+            raise ValueError(f"steps = {steps} exceeds MAX_FIXED_STEPS = {MAX_FIXED_STEPS:,} for solver {solver!r}: "
+                             "expected fewer steps (Euler at 10^6 steps is as fine as float32 resolves); for an "
+                             "accurate reference use an adaptive solver (dopri5) with small atol/rtol")
         if max_nfe is not None:
             raise ValueError(f"solver {solver!r} is fixed-step: it uses exactly steps x stages field evaluations, "
                              f"so max_nfe (for adaptive solvers) must be None, got {max_nfe!r}")
@@ -170,13 +184,33 @@ def sample(field, x0: torch.Tensor, *, solver: str = "dopri5", steps: int | None
     stepper = str_to_solver(solver, x0.dtype)  # the tableau in the states' dtype (torchdyn's default: float32)
     grid = grid.to(device=x0.device)
     with torch.set_grad_enabled(enable_grad):
-        if solver in ADAPTIVE_SOLVERS:
-            times, states = odeint(guarded, x0, grid, _GuardedSolver(stepper, solver), atol=atol, rtol=rtol)
-        else:  # torchdyn warns when a fixed-step solver gets tolerances: leave its defaults
-            times, states = odeint(guarded, x0, grid, stepper)
-    if not torch.isfinite(states[-1]).all():
+        if solver in ADAPTIVE_SOLVERS:  # its times are the grid's, negated for a reversed t_span: grid is returned
+            _, states = odeint(guarded, x0, grid, _GuardedSolver(stepper, solver), atol=atol, rtol=rtol)
+            x = states[-1]
+        else:
+            x, states = _fixed_steps(guarded, x0, grid, stepper, return_trajectory)
+    if not torch.isfinite(x).all():
         raise IntegrationError(f"integration with {solver!r} produced NaN or inf in its final states after "
                                f"{guarded.nfe} field evaluations; expected finite states")
     if return_trajectory:
-        return SampleResult(x=states[-1], nfe=guarded.nfe, times=times, trajectory=states)
-    return SampleResult(x=states[-1], nfe=guarded.nfe)
+        return SampleResult(x=x, nfe=guarded.nfe, times=grid, trajectory=states)
+    return SampleResult(x=x, nfe=guarded.nfe)
+
+
+def _fixed_steps(field, x: torch.Tensor, grid: torch.Tensor, stepper,
+                 keep: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(final state, (K, B, *shape) states at every time of ``grid`` (K,) or None unless ``keep``): torchdyn's
+    fixed-step loop (``_fixed_odeint``), the same times t_{k+1} = t_k + dt_k with dt_k = grid[k + 1] - t_k and
+    the same ``stepper.step``, with one state alive between steps when nothing is kept. A reversed grid
+    (t1 < t0) steps with dt < 0: odeint's negated field and times give the same values, negation being exact."""
+    x, grid = stepper.sync_device_dtype(x, grid)  # the tableau on x's device
+    t, dt = grid[0], grid[1] - grid[0]
+    states = [x] if keep else None
+    for k in range(1, len(grid)):
+        _, x, _ = stepper.step(field, x, t, dt)
+        t = t + dt
+        if k < len(grid) - 1:
+            dt = grid[k + 1] - t
+        if keep:
+            states.append(x)
+    return x, torch.stack(states) if keep else None

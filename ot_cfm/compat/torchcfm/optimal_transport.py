@@ -24,6 +24,7 @@ import torch
 from ot_cfm.couplers.exact import ExactOTCoupler
 from ot_cfm.couplers.sinkhorn import SinkhornCoupler
 from ot_cfm.couplers.unbalanced import PartialCoupler, UnbalancedCoupler
+from ot_cfm.utils.validation import check_batch
 
 __all__ = ["OTPlanSampler", "wasserstein"]
 
@@ -130,7 +131,10 @@ def wasserstein(x0: torch.Tensor, x1: torch.Tensor, method: Optional[str] = None
                 **kwargs) -> float:
     """W_power (power 1 or 2) between the empirical measures of x0 (B0, *dim) and x1 (B1, *dim), uniform weights:
     exact (POT's emd2, method "exact" or None) or entropic (POT's sinkhorn2 with ``reg``), on the cost
-    |x0_i - x1_j|^power computed as torchcfm does, so that values equal torchcfm's."""
+    |x0_i - x1_j|^power computed as torchcfm does, so that values equal torchcfm's. NaN or inf entries raise
+    ValueError, as in ``OTPlanSampler`` (POT's emd2 returned 0.0 for NaN points)."""
+    check_batch(x0, "x0")
+    check_batch(x1, "x1")
     if power not in (1, 2):
         raise ValueError(f"power must be 1 or 2, got {power}")
     if method in ("exact", None):
