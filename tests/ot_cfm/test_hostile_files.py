@@ -45,8 +45,9 @@ def trained(folder):
     return folder / CHECKPOINT_NAME
 
 
-def sample(checkpoint, out, n=10):
-    return main(["sample", str(checkpoint), "--n", str(n), "--solver", "euler", "--steps", "2", "--out", str(out)])
+def sample(checkpoint, out, n=10, *options):
+    return main(["sample", str(checkpoint), "--n", str(n), "--solver", "euler", "--steps", "2", "--out", str(out),
+                 *options])
 
 
 def plant_links(folder, names, victims, target_exists):
@@ -90,7 +91,9 @@ def test_sample_replaces_links_planted_at_its_outputs_and_leaves_their_targets(t
     checkpoint = trained(tmp_path / "run")
     out = tmp_path / "shared"
     targets = plant_links(out, ["s.pt", "s.png"], tmp_path / "victims", target_exists)
-    assert sample(checkpoint, out / "s") == 0
+    assert sample(checkpoint, out / "s") == 2  # samples (or links) already there: refused without --overwrite
+    assert_untouched(targets, target_exists)
+    assert sample(checkpoint, out / "s", 10, "--overwrite") == 0
     assert_untouched(targets, target_exists)
     assert not (out / "s.pt").is_symlink() and not (out / "s.png").is_symlink()
     assert torch.load(out / "s.pt", weights_only=True)["x1"].shape == (10, 2)
@@ -144,7 +147,7 @@ def test_sample_on_a_full_disk_keeps_the_previous_output_and_names_the_file(tmp_
     real_fdopen = atomic.os.fdopen
     monkeypatch.setattr(atomic.os, "fdopen", lambda fd, mode: DiskFillsUp(real_fdopen(fd, mode), room=300))
     capsys.readouterr()
-    assert sample(checkpoint, out / "s", n=20) == 2
+    assert sample(checkpoint, out / "s", 20, "--overwrite") == 2
     assert f"could not write {out / 's.pt'}: No space left on device" in capsys.readouterr().err
     assert {name: (out / name).read_bytes() for name in before} == before
     assert sorted(os.listdir(out)) == ["s.png", "s.pt"]  # no temporary file left behind
