@@ -2,16 +2,21 @@
 
 import importlib
 import inspect
+import math
+import pydoc
 
 import numpy as np
 import ot
 import pytest
 import torch
+import torchcfm
 import torchcfm.conditional_flow_matching as tc_cfm
 import torchcfm.models as tc_models
+import torchcfm.models.unet.unet
 import torchcfm.optimal_transport as tc_ot
 import torchcfm.utils as tc_utils
 
+import ot_cfm.compat.torchcfm as ours_top
 import ot_cfm.compat.torchcfm.conditional_flow_matching as our_cfm
 import ot_cfm.compat.torchcfm.models as our_models
 import ot_cfm.compat.torchcfm.optimal_transport as our_ot
@@ -55,20 +60,116 @@ def test_every_torchcfm_name_exists_with_its_signature(name, theirs):
                 assert _parameters(getattr(our_obj, method))[:len(their_params)] == their_params, f"{attr}.{method}"
 
 
+#: the modules of torchcfm that scripts import, with the names ``import *`` brings from them
+STAR_MODULES = ["", ".conditional_flow_matching", ".optimal_transport", ".utils", ".models", ".models.models",
+                ".models.unet", ".models.unet.unet", ".models.unet.nn", ".models.unet.fp16_util", ".models.unet.logger"]
+#: torchcfm's own names that its ``import *`` brings and the drop-in's does not: submodules (torchcfm's package
+#: brings models and utils only once something else has imported them; models.unet's are imported by name)
+NOT_STARRED = {"": {"models", "utils"}, ".models.unet": {"unet", "nn", "fp16_util", "logger"}}
+#: names the drop-in's ``import *`` brings beyond torchcfm's (ot-cfm's additions, documented in the modules)
+STAR_EXTRAS = {"": {"check_config_targets"}, ".models": {"GradModel", "UNetModel"}}
+
+
+def _star(module: str) -> dict:
+    namespace = {}
+    exec(f"from {module} import *", namespace)
+    namespace.pop("__builtins__")
+    return namespace
+
+
+def _origin(obj) -> str:
+    return obj.__name__ if inspect.ismodule(obj) else getattr(obj, "__module__", None) or ""
+
+
+@pytest.mark.parametrize("module", STAR_MODULES)
+def test_star_import_brings_torchcfm_names(module):
+    """``from ot_cfm.compat.torchcfm<module> import *`` brings the names torchcfm's defines (OTPlanSampler from
+    conditional_flow_matching, the package's modules, ...), not the libraries its modules import (torch, np: the
+    drop-in's ``__all__`` is its documented API); models.unet's modules are torchcfm's, re-exported whole."""
+    theirs, ours = _star("torchcfm" + module), _star("ot_cfm.compat.torchcfm" + module)
+    if module.startswith(".models.unet."):
+        assert ours.keys() == theirs.keys() and all(ours[n] is theirs[n] for n in theirs)
+        return
+    own = {n for n, obj in theirs.items() if _origin(obj).startswith("torchcfm")} - NOT_STARRED.get(module, set())
+    assert set(ours) == own | STAR_EXTRAS.get(module, set())
+    for name in own:
+        assert ours[name] is theirs[name] or _origin(ours[name]).startswith("ot_cfm.compat.torchcfm"), name
+
+
+def test_package_has_torchcfm_top_level_names_and_version():
+    expected = {n for n in dir(torchcfm) if not n.startswith("_") and _origin(getattr(torchcfm, n)).startswith("torchcfm")}
+    assert expected | {"__version__"} <= set(dir(ours_top))
+    assert ours_top.__version__ == ours_top.version.__version__ == torchcfm.__version__ == "1.0.7"
+    assert ours_top.OTPlanSampler is our_ot.OTPlanSampler
+
+
 @pytest.mark.parametrize("name", ["ConditionalFlowMatcher", "TargetConditionalFlowMatcher",
                                   "VariancePreservingConditionalFlowMatcher"])
 @pytest.mark.parametrize("shape", [(2,), (3, 4, 5)])
 @pytest.mark.parametrize("sigma", [0.0, 0.3])
-def test_uncoupled_matchers_equal_torchcfm_bit_for_bit(name, shape, sigma):
-    x0, x1 = torch.randn(64, *shape), torch.randn(64, *shape)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_uncoupled_matchers_equal_torchcfm_bit_for_bit(name, shape, sigma, dtype):
+    x0, x1 = torch.randn(64, *shape, dtype=dtype), torch.randn(64, *shape, dtype=dtype)
     out = []
     for module in (tc_cfm, our_cfm):
         torch.manual_seed(5)
         fm = getattr(module, name)(sigma=sigma)
-        t, xt, ut, eps = fm.sample_location_and_conditional_flow(x0, x1, return_noise=True)
-        out.append((t, xt, ut, eps, torch.as_tensor(fm.compute_lambda(t))))
-    for theirs, ours in zip(*out):  # torchcfm's constant sigma_t and lambda are scalars, ours of t's shape
-        assert torch.equal(*torch.broadcast_tensors(theirs, ours))
+        out.append(fm.sample_location_and_conditional_flow(x0, x1, return_noise=True))
+    for theirs, ours in zip(*out):
+        assert torch.equal(theirs, ours)
+
+
+@pytest.mark.parametrize("layout", ["default dtype float64", "transposed x0", "channels_last x0"])
+def test_draws_follow_torchcfm_for_default_dtype_and_memory_layout(layout):
+    """t is drawn in torch's default dtype on its default device, then cast and moved (torch.rand(B).type_as(x0),
+    on a GPU too), eps with x0's memory layout (torch.randn_like(x0))."""
+    x0, x1 = torch.randn(8, 3, 4, 5), torch.randn(8, 3, 4, 5)
+    if layout == "transposed x0":
+        x0, x1 = x0.reshape(8, 60).t(), x1.reshape(8, 60).t()
+    elif layout == "channels_last x0":
+        x0 = x0.to(memory_format=torch.channels_last)
+    out, default = [], torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64 if layout.startswith("default") else default)
+        for module in (tc_cfm, our_cfm):
+            torch.manual_seed(3)
+            out.append(module.ConditionalFlowMatcher(0.5).sample_location_and_conditional_flow(x0, x1, return_noise=True))
+    finally:
+        torch.set_default_dtype(default)
+    for theirs, ours in zip(*out):
+        assert torch.equal(theirs, ours) and theirs.stride() == ours.stride()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("name", ["ConditionalFlowMatcher", "TargetConditionalFlowMatcher",
+                                  "VariancePreservingConditionalFlowMatcher"])
+def test_matchers_on_a_gpu_equal_torchcfm(name):
+    x0, x1 = torch.randn(64, 3, 8, 8, device="cuda"), torch.randn(64, 3, 8, 8, device="cuda")
+    out = []
+    for module in (tc_cfm, our_cfm):
+        torch.manual_seed(5)
+        out.append(getattr(module, name)(sigma=0.2).sample_location_and_conditional_flow(x0, x1, return_noise=True))
+    for theirs, ours in zip(*out):
+        assert ours.device == x0.device and torch.equal(theirs, ours)
+
+
+@pytest.mark.parametrize("name", MATCHERS)
+@pytest.mark.parametrize("t", [0.25, torch.tensor([0.1, 0.5, 0.9])], ids=["float t", "tensor t"])
+def test_sigma_t_and_lambda_have_torchcfm_types_and_values(name, t):
+    """sigma_t and lambda: torchcfm's Python numbers for the constant-sigma matchers whatever t is, else tensors
+    for a tensor t and numbers for a number t (torchcfm's SB raises TypeError on a number)."""
+    theirs, ours = getattr(tc_cfm, name)(sigma=0.5), getattr(our_cfm, name)(sigma=0.5)
+    for method in ("compute_sigma_t", "compute_lambda"):
+        mine = getattr(ours, method)(t)
+        if name.startswith("Schrodinger") and not isinstance(t, torch.Tensor):
+            with pytest.raises(TypeError):
+                getattr(theirs, method)(t)
+            expected = 0.5 * math.sqrt(t * (1 - t)) * (1 if method == "compute_sigma_t" else 2 / (0.25 + 1e-8))
+            assert type(mine) is float and mine == pytest.approx(expected, rel=1e-15)
+            continue
+        reference = getattr(theirs, method)(t)
+        assert type(mine) is type(reference)
+        assert torch.equal(mine, reference) if isinstance(mine, torch.Tensor) else mine == reference
 
 
 def test_exact_plan_equals_pot_and_sampling_with_replacement_equals_torchcfm():
@@ -80,6 +181,59 @@ def test_exact_plan_equals_pot_and_sampling_with_replacement_equals_torchcfm():
     np.random.seed(3)
     b = ours.sample_plan(x0, x1, replace=True)
     assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+@pytest.mark.parametrize("method, kwargs", [("exact", {}), ("sinkhorn", {"reg": 0.5}),
+                                            ("unbalanced", {"reg": 0.5, "reg_m": 2.0}), ("partial", {"reg": 2.0})])
+def test_ot_fn_is_torchcfms_solver_of_the_method(method, kwargs):
+    x0, x1 = torch.randn(20, 2), torch.randn(30, 2)
+    a, b, cost = ot.unif(20), ot.unif(30), (torch.cdist(x0, x1) ** 2).numpy()
+    ours, theirs = our_ot.OTPlanSampler(method, **kwargs), tc_ot.OTPlanSampler(method, **kwargs)
+    assert np.array_equal(ours.ot_fn(a, b, cost), theirs.ot_fn(a, b, cost))
+
+
+def test_a_replaced_ot_fn_is_used_as_torchcfm_uses_it():
+    """A script's own ot_fn gets torchcfm's (a, b, M) (M normalised here) and its plan is sampled with replacement,
+    as torchcfm samples it, even for method "exact"."""
+    x0, x1 = torch.randn(32, 2, 2), torch.randn(32, 2, 2)
+    costs, pairs = [], []
+
+    def solver(a, b, cost):
+        costs.append(cost)
+        return ot.sinkhorn(a, b, cost, reg=0.1)
+
+    for module in (tc_ot, our_ot):
+        sampler = module.OTPlanSampler("exact", normalize_cost=True)
+        sampler.ot_fn = solver
+        np.random.seed(0)
+        pairs.append(sampler.sample_plan(x0, x1))
+    assert np.array_equal(costs[0], costs[1]) and costs[0].max() == 1
+    assert all(torch.equal(p, q) for p, q in zip(*pairs))
+    sampler = our_ot.OTPlanSampler("exact")
+    sampler.ot_fn = lambda a, b, cost: np.ones(3)
+    with pytest.raises(ValueError, match=r"ot_fn returned a plan of shape \(3,\), expected \(32, 32\)"):
+        sampler.get_map(x0, x1)
+
+
+def test_check_config_targets_names_each_torchcfm_target_and_its_replacement():
+    """A hydra config (torchcfm's runner/configs/model/cfm_v2.yaml's flow_matcher, say) whose _target_ names
+    torchcfm would build torchcfm's class: the check names the key and a replacement that resolves."""
+    config = {"model": {"flow_matcher": {"_target_": "torchcfm.ConditionalFlowMatcher", "sigma": 0.0},
+                        "net": {"_target_": "src.models.components.simple_mlp.VelocityNet"}},
+              "extra": [{"_target_": "torchcfm.models.unet.unet.UNetModelWrapper"}, {"_target_": "torchcfmx.Other"},
+                        {"_target_": "ot_cfm.compat.torchcfm.utils.torch_wrapper"}]}
+    with pytest.raises(ValueError) as error:
+        ours_top.check_config_targets(config)
+    lines = [line.strip() for line in str(error.value).splitlines()[1:]]
+    assert lines == ["config.model.flow_matcher._target_: torchcfm.ConditionalFlowMatcher -> "
+                     "ot_cfm.compat.torchcfm.ConditionalFlowMatcher",
+                     "config.extra[0]._target_: torchcfm.models.unet.unet.UNetModelWrapper -> "
+                     "ot_cfm.compat.torchcfm.models.unet.unet.UNetModelWrapper"]
+    assert pydoc.locate("ot_cfm.compat.torchcfm.ConditionalFlowMatcher") is our_cfm.ConditionalFlowMatcher
+    assert pydoc.locate("ot_cfm.compat.torchcfm.models.unet.unet.UNetModelWrapper") is not None
+    config["model"]["flow_matcher"]["_target_"] = "ot_cfm.compat.torchcfm.ConditionalFlowMatcher"
+    del config["extra"][0]
+    ours_top.check_config_targets(config)
 
 
 @pytest.mark.parametrize("method, normalize, reg", [("unbalanced", False, 0.5), ("unbalanced", True, 0.5),

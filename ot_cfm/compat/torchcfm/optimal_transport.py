@@ -7,6 +7,10 @@ the pairs drawn from them count, and those are the same). Sampling from a plan u
 generator, as torchcfm does, so that ``np.random.seed`` reproduces a torchcfm user's run and torch's random
 stream (t, eps) is left untouched; pass ``rng`` (a ``numpy.random.Generator``) to avoid global state.
 
+``OTPlanSampler.ot_fn`` is torchcfm's attribute: POT's solver of the method as a function (a, b, M) -> plan
+(the couplers take points, not a cost matrix). A script that replaces it gets torchcfm's behaviour:
+``get_map`` then calls it on torchcfm's marginals and cost, and the plan is sampled with replacement.
+
 Deliberate difference: for ``method="exact"`` with equal batch sizes, ``sample_plan`` returns the optimal
 permutation (every x0 once, in its order, with its partner) unless ``replace=True`` asks for torchcfm's
 sampling with replacement.
@@ -15,6 +19,7 @@ sampling with replacement.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Optional, Union
 
 import numpy as np
@@ -41,6 +46,17 @@ def _choice(size: int, p: np.ndarray, draws: int, replace: bool, rng: np.random.
     return (rng or np.random).choice(size, p=p, size=draws, replace=replace)
 
 
+def _pot_solver(method: str, reg: float, reg_m: float, num_threads: Union[int, str]):
+    """POT's solver of ``method`` with its settings bound, as torchcfm's ``ot_fn``: (a (B0,), b (B1,), M (B0, B1)) -> plan."""
+    if method == "exact":
+        return partial(pot.emd, numThreads=num_threads)
+    if method == "sinkhorn":
+        return partial(pot.sinkhorn, reg=reg)
+    if method == "unbalanced":
+        return partial(pot.unbalanced.sinkhorn_knopp_unbalanced, reg=reg, reg_m=reg_m)
+    return partial(pot.partial.entropic_partial_wasserstein, reg=reg)
+
+
 class OTPlanSampler:
     """Pairs drawn from the OT plan (squared Euclidean cost) between a source and a target minibatch.
 
@@ -50,9 +66,12 @@ class OTPlanSampler:
         reg: entropic regularisation of "sinkhorn", "unbalanced" and "partial", in cost units.
         reg_m: the marginal relaxation of "unbalanced".
         normalize_cost: divide the cost by its maximum first (epsilon and reg_m read in that unit).
-        num_threads: accepted for torchcfm's signature; ot-cfm's exact solvers choose their own.
+        num_threads: POT's threads in ``ot_fn`` for "exact"; ot-cfm's exact solvers choose their own.
         warn: accepted for torchcfm's signature; a non-finite plan raises instead of warning.
         rng: a ``numpy.random.Generator`` for the draws (numpy's global generator when None).
+
+    ``ot_fn``: POT's solver of ``method`` with these settings, (a, b, M) -> plan, as torchcfm's. Plans come from
+    ot-cfm's couplers while it is left as it is; a function assigned to it is used as torchcfm uses it.
     """
 
     def __init__(self, method: str, reg: float = 0.05, reg_m: float = 1.0, normalize_cost: bool = False,
@@ -63,6 +82,12 @@ class OTPlanSampler:
             raise ValueError(f"reg must be finite and > 0 for method={method!r}, got {reg}")
         self.method, self.reg, self.reg_m = method, reg, reg_m
         self.normalize_cost, self.num_threads, self.warn, self.rng = normalize_cost, num_threads, warn, rng
+        self.ot_fn = self._default_ot_fn = _pot_solver(method, reg, reg_m, num_threads)
+
+    @property
+    def _own_plans(self) -> bool:
+        """Whether the plans come from ot-cfm's couplers: ``ot_fn`` has not been replaced."""
+        return self.ot_fn is self._default_ot_fn
 
     def _coupler(self, x0: torch.Tensor, x1: torch.Tensor):
         if self.method == "exact":
@@ -79,9 +104,19 @@ class OTPlanSampler:
         return SinkhornCoupler(epsilon=epsilon, relative=False, tol=1e-8, max_iters=1000)
 
     def get_map(self, x0: torch.Tensor, x1: torch.Tensor) -> np.ndarray:
-        """The plan (B0, B1) between x0 (B0, *dim) and x1 (B1, *dim), a float64 numpy array summing to 1."""
-        x0, x1 = _flat(x0).to(torch.float64), _flat(x1).to(torch.float64)  # entries such as 1/B in float64
-        plan = self._coupler(x0, x1).plan(x0, x1).cpu().numpy()
+        """The plan (B0, B1) between x0 (B0, *dim) and x1 (B1, *dim) as a numpy array: ot-cfm's coupler's, float64,
+        summing to 1; or, once ``ot_fn`` is replaced, ``ot_fn(a, b, M)`` for torchcfm's uniform a, b and cost
+        M_ij = |x0_i - x1_j|^2 (divided by its maximum with ``normalize_cost``), as torchcfm calls it."""
+        if self._own_plans:
+            x0, x1 = _flat(x0).to(torch.float64), _flat(x1).to(torch.float64)  # entries such as 1/B in float64
+            plan = self._coupler(x0, x1).plan(x0, x1).cpu().numpy()
+        else:
+            cost = torch.cdist(_flat(x0), _flat(x1)) ** 2
+            cost = cost / cost.max() if self.normalize_cost else cost
+            plan = np.asarray(self.ot_fn(pot.unif(x0.shape[0]), pot.unif(x1.shape[0]), cost.cpu().numpy()))
+            if plan.shape != (x0.shape[0], x1.shape[0]):
+                raise ValueError(f"ot_fn returned a plan of shape {plan.shape}, expected {(x0.shape[0], x1.shape[0])} "
+                                 "(B0, B1)")
         if not np.all(np.isfinite(plan)) or plan.sum() <= 0:
             raise FloatingPointError(f"the {self.method} plan is not finite or has no mass (reg={self.reg}); "
                                      "a larger reg or normalize_cost=True may help")
@@ -94,9 +129,9 @@ class OTPlanSampler:
         return np.divmod(choices, pi.shape[1])
 
     def _indices(self, x0: torch.Tensor, x1: torch.Tensor, replace: Optional[bool]):
-        """Index pairs (i, j): the optimal permutation for exact OT of equal sizes (unless replace=True), else
-        ``batch_size`` = B0 draws from the plan (with replacement unless replace=False)."""
-        if self.method == "exact" and x0.shape[0] == x1.shape[0] and not replace:
+        """Index pairs (i, j): the optimal permutation for exact OT of equal sizes (unless replace=True or ``ot_fn``
+        was replaced), else ``batch_size`` = B0 draws from the plan (with replacement unless replace=False)."""
+        if self.method == "exact" and self._own_plans and x0.shape[0] == x1.shape[0] and not replace:
             return ExactOTCoupler().indices(_flat(x0), _flat(x1))
         i, j = self.sample_map(self.get_map(x0, x1), x0.shape[0], replace=True if replace is None else replace)
         return torch.as_tensor(i, device=x0.device), torch.as_tensor(j, device=x1.device)
