@@ -159,7 +159,7 @@ def test_auto_picks_the_certified_solver_for_equal_uniform_batches():
     for b, d in ((64, 2), (128, 784), (256, 32), (1024, 784), (2048, 2)):
         assert coupler.choose_solver(b, b, d) == "multiscale"
     assert coupler.choose_solver(1024, 1000, 2) == "pot"
-    assert dense_below(2) < 128 <= dense_below(32), "d = 2 has coarse levels from B = 128"
+    assert dense_below(2) < 64 < 128 <= dense_below(32), "d = 2 has coarse levels from B = 64"
 
 
 @pytest.mark.parametrize("x_shape, y_shape, kwargs, match", [
