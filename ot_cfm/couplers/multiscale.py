@@ -34,6 +34,8 @@ permutation that still fails its certificate raises RuntimeError instead of bein
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -113,6 +115,11 @@ def assign(x: torch.Tensor, y: torch.Tensor, neighbours: int = 6, base: int | No
         a, b = a[rows.to(a.device)], b[cols.to(b.device)]
     cost = torch.mm(a.neg_(), b.T).cpu()
     low, high = torch.aminmax(cost)
+    if not math.isfinite(float(high) - float(low)):  # the sampled scale missed an outlier row: its products overflowed
+        extent = max(float(a.abs().max()), float(b.abs().max()))
+        a, b = a.div_(extent), b.div_(extent)  # entries in [-1, 1]: |C_ij| <= d (a is negated already)
+        cost = torch.mm(a, b.T).cpu()
+        low, high = torch.aminmax(cost)
     tol = CERTIFICATE_TOL * 2.0 * max(-float(low), float(high))
     sigma = torch.from_numpy(_solve(cost.numpy(), base, neighbours, tol, levels)[0])
     if levels:  # back from the k-d orders

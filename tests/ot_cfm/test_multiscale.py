@@ -192,6 +192,19 @@ def test_tiny_scale_and_offset_reach_the_unit_scale_optimum():
         assert total_cost(c, perm) == pytest.approx(optimum, rel=1e-9)
 
 
+def test_an_outlier_row_missed_by_the_sampled_scale_does_not_overflow_the_cost():
+    """centre_and_scale reads every 4th row at B = 64, d = 784; an outlier in row 1 of both batches (2^600) made
+    -<x_i, y_j> overflow to inf (before: ``ExactOTCoupler()`` raised scipy's "matrix contains invalid numeric
+    entries"). Now the batches are divided by their largest entry: the outliers are paired (they are nearly
+    equal), every target is used once."""
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(64, 784, generator=g, dtype=torch.float64) for _ in range(2))
+    x[1] *= 2.0 ** 600
+    y[1] = 1.001 * x[1]
+    for perm in (multiscale_assignment(x, y), ExactOTCoupler().indices(x, y)[1]):
+        assert perm[1] == 1 and torch.equal(perm.sort().values, torch.arange(64))
+
+
 def _swapping(solve):
     """A solver that answers with the targets of rows 0 and 1 swapped (duals unchanged)."""
     def swapped(*args):
