@@ -146,7 +146,7 @@ def test_network_simplex_raises_on_an_infeasible_sparse_problem():
 # the optimum, and an offset of 1e6 put every backend, scipy included, 1e-6 to 5e-6 above it.
 SCALES_AND_OFFSETS = [(1e-8, 0.0, 0.0), (1e-6, 0.0, 0.0), (1e8, 0.0, 0.0), (1.0, 1e6, 1e6), (1e-3, 1e3, 1e3),
                       (1e-2, -1e4, -1e4), (1.0, 0.0, 1e6)]
-SCALE_B = 512  # above multiscale's dense base (256): its sparse levels run
+SCALE_B = 512  # above multiscale's dense base at d = 2: its sparse levels run
 
 
 @pytest.mark.parametrize("backend", EXACT_BACKENDS)
@@ -232,14 +232,13 @@ def test_certificate_accepts_the_optimum_and_rejects_a_wrong_plan():
     reduced = cost - torch.from_numpy(u)[:, None] - torch.from_numpy(v)[None, :]
     tol = certificate_tolerance(na, nb)
     rows, perm = torch.arange(30), torch.from_numpy(plan.argmax(1))
-    assert certify(reduced, rows, perm, tol, solver="test").numel() == 0
+    certify(reduced, rows, perm, tol, solver="test")
     swapped = perm.clone()
     swapped[[0, 1]] = perm[[1, 0]]
     with pytest.raises(RuntimeError, match="test returned a plan that fails its optimality certificate"):
         certify(reduced, rows, swapped, tol, solver="test")
     lowered = reduced.clone()
     lowered[3] -= 1e-6  # u_3 raised by 1e-6: row 3 is dual infeasible
-    assert torch.equal(certify(lowered, rows, perm, tol, solver="test", strict=False), torch.tensor([3]))
     with pytest.raises(RuntimeError, match="optimality certificate"):
         certify(lowered, rows, perm, tol, solver="test")
 
