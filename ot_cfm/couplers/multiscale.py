@@ -131,13 +131,13 @@ def multiscale_assignment(x: torch.Tensor, y: torch.Tensor, *, neighbours: int =
                           base: int | None = None) -> torch.Tensor:
     """The optimal assignment sigma (B,) minimising sum_i |x_i - y_sigma(i)|^2, for x, y of shape (B, d).
 
-    Certified exact (LP duality, see the module docstring): on the batches centred on their means and
+    Certified exact (LP duality, see the module docstring): on the batches centred on their means
     (``centre_and_scale``), its cost is within 2 B tol of the optimum, tol = 2e-10 max_ij |<x_i, y_j>|
     there; RuntimeError if no certificate is obtained.
     ``neighbours``: candidate arcs per row and per column (6: at B = 1024, 4 took up to 1.3x as long at
-    d = 32, 8 up to 1.15x as long at d = 2 and 32, from CPU times within 20 % noise); ``base``: the batch size up to which the dense
-    solver works alone (``dense_below(d)`` by default). Computes in float64, the cost on x's device and
-    the assignment on the CPU; returns indices on x's device.
+    d = 32 and 8 up to 1.15x as long at d = 2 and 32, CPU times within 20 % noise); ``base``: the batch
+    size up to which the dense solver works alone (``dense_below(d)`` by default). Computes in float64,
+    the cost on x's device and the assignment on the CPU; returns indices on x's device.
     """
     if x.ndim != 2 or x.shape != y.shape:
         raise ValueError(f"x and y must have the same shape (B, d), got {tuple(x.shape)} and {tuple(y.shape)}")

@@ -66,6 +66,7 @@ DEGENERATE = {
     "duplicated points, d = 100": lambda: (batches((75, 100), seed=5)[0].repeat(4, 1), batches((300, 100), seed=6)[1]),
     "one distinct point per batch": lambda: (torch.randn(1, 2, dtype=torch.float64).expand(260, 2).clone(),
                                              torch.randn(260, 2, dtype=torch.float64)),
+    "non-contiguous (transposed) batches": lambda: tuple(t.T for t in batches((2, 200), seed=7)),
 }
 
 
