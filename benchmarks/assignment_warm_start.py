@@ -12,7 +12,9 @@ on the couplers benchmark's batches and the same cost ``C = -<x0_i, x1_j>`` (flo
 - ``half-batch duals``: the cheapest dual estimate that kept the permutation exact in our trials:
   POT with duals on the first half of each batch, its row duals ``u`` extended to every column by
   the c-transform ``v_j = min_i (C_ij - u_i)``, then scipy on ``C - v`` (all of it timed);
-- ``multiscale``: what ``ExactOTCoupler`` does at low dimension instead (``ot_cfm.couplers.multiscale``).
+- ``multiscale``: what ``ExactOTCoupler`` does instead (``ot_cfm.couplers.multiscale``: shortest augmenting
+  paths warm-started from pair-averaged k-d levels; results before it replaced POT on sparse candidate arcs
+  in ``benchmarks/results/assignment_warm_start.md`` are for the earlier POT-based version).
 
 Every variant returns the optimal permutation (checked against POT). Medians over ``--reps``.
 A second table shows how accurate the duals must be: scipy on ``C - (v + noise)``, the noise

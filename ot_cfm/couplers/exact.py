@@ -5,11 +5,14 @@ For batches x0 (B0, *shape) and x1 (B1, *shape) with uniform weights, the plan s
     min_P  sum_ij P_ij |x0_i - x1_j|^2   s.t.  P 1 = 1/B0,  P^T 1 = 1/B1,  P >= 0.
 
 Every feasible P has the same sum_ij P_ij (|x0_i|^2 + |x1_j|^2), so -<x0_i, x1_j> has the same
-optimum. The costs are built in float64 on the input's device from the flattened points; scipy's
-assignment solver gets -<x0_i, x1_j> (about 10x faster there than the full cost at B = 2048,
-d = 784), POT's network simplex the full squared distance (1.5x slower on -<x, y> at d = 2). The
-``multiscale`` backend (``ot_cfm.couplers.multiscale``) runs POT's network simplex on a sparse
-candidate graph and certifies optimality on the full one; it is the fastest at low dimension.
+optimum. The costs are built in float64 on the input's device from the flattened points. For equal
+uniform batches the ``multiscale`` backend (``ot_cfm.couplers.multiscale``, what ``auto`` uses) solves
+-<x0_i, x1_j> by shortest augmenting paths, warm-started from pair-averaged coarse problems at low
+dimension, and certifies the permutation with its duals on the full cost; measured against scipy, POT
+and torchcfm in ``benchmarks/results/couplers_exact.md`` (2.5x to 7x faster than torchcfm from B = 256 at
+d = 2 and 32, CPU time). scipy's assignment solver (``"scipy"``) gets -<x0_i, x1_j> too (about 10x faster there
+than the full cost at B = 2048, d = 784), POT's network simplex (``"pot"``, any sizes and weights) the
+full squared distance (1.5x slower on -<x, y> at d = 2).
 
 Exact at every scale. Before any solver each batch whose mean is further from the origin than half
 its largest entry is centred on that mean, and both are divided by one power of two
@@ -26,10 +29,10 @@ needs no move reorders scipy's augmenting paths (10 % slower or faster from batc
 this step POT's network simplex, whose pivoting compares reduced costs with absolute tolerances,
 returned plans up to 130 % above the optimum on points scaled by 1e-6 (B = 1024, d = 2), and an offset
 made every solver's float64 cost lose the points' differences (1e-6 to 1e-4 above the optimum at 1e6,
-20 % to several times it at 1e8). POT's answers (``"pot"``, ``"multiscale"``) are then certified with
-their duals on the full cost (``network_simplex.certify``): a plan that is not provably within
-2e-10 max(max |x0|^2 + max |x1|^2, 1) per unit mass of the optimum, on the centred and scaled points,
-raises RuntimeError instead of being returned. scipy's ``linear_sum_assignment`` returns no duals;
+20 % to several times it at 1e8). POT's answers are then certified with their duals on the full cost
+(``network_simplex.certify``): a plan that is not provably within 2e-10 max(max |x0|^2 + max |x1|^2, 1)
+per unit mass of the optimum, on the centred and scaled points, raises RuntimeError instead of being
+returned; ``multiscale`` certifies its own in the same way. scipy's ``linear_sum_assignment`` returns no duals;
 it is exact on the centred points at every scale tested (1e-8 to 1e8, offsets to 1e6).
 
 For B0 == B1 the optimal extreme plan is a permutation (Birkhoff): ``indices`` returns every
@@ -46,7 +49,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from ot_cfm.couplers.base import Coupler, centre_and_scale, sample_rows
-from ot_cfm.couplers.multiscale import multiscale_assignment
+from ot_cfm.couplers.multiscale import assign
 from ot_cfm.couplers.network_simplex import certificate_tolerance, certify, network_simplex
 
 __all__ = ["ExactOTCoupler", "BACKENDS"]
@@ -56,16 +59,6 @@ __all__ = ["ExactOTCoupler", "BACKENDS"]
 BACKENDS = ("auto", "scipy", "multiscale", "pot")
 #: the backends that return a permutation
 _PERMUTATION_SOLVERS = ("scipy", "multiscale")
-
-# `auto` rule, from benchmarks/results/couplers_crossover.md (2 cores, one torch thread, medians, ms,
-# scipy / multiscale / POT): B = 256: d = 2: 11.0 / 7.4 / 7.8, d = 4: 6.2 / 8.4 / 8.3; B = 512: d = 2:
-# 93 / 42 / 56, d = 4: 58 / 66 / 66; B = 1024: d = 4: 379 / 143 / 313, d = 16: 229 / 161 / 457, d = 64:
-# 184 / 181 / 448; B = 2048: d = 2: 5869 / 617 / 1300, d = 64: 751 / 554 / 2441, d = 784: scipy.
-# POT never wins (multiscale is POT itself up to 256 points). At d = 2 and B = 256 the winner depends
-# on the data (toy training batches: POT 17 ms, scipy 22 to 29 ms), so low dimensions keep POT there.
-#: (largest flattened dimension, smallest batch size) cells from which multiscale beats scipy
-_MULTISCALE_FROM = ((3, 129), (16, 1024), (64, 2048))
-
 
 def _check_weights(w: torch.Tensor | None, n: int, name: str) -> torch.Tensor | None:
     """None, or (n,) finite non-negative masses summing to 1 (relative tolerance 1e-6), as float64."""
@@ -134,11 +127,12 @@ class ExactOTCoupler(Coupler):
     """Exact minibatch OT coupling for the squared Euclidean cost, on inputs of any shape (B, *shape).
 
     Args:
-        backend: ``"scipy"`` (``linear_sum_assignment``), ``"multiscale"`` (POT on sparse candidate
-            arcs with an optimality certificate, ``ot_cfm.couplers.multiscale``), both for equal
-            uniform batches; ``"pot"`` (``ot.emd``, any sizes and weights); or ``"auto"``: the
-            fastest one measured for the batch size and dimension (see ``choose_solver``), POT
-            whenever the batch sizes differ or weights are given.
+        backend: ``"scipy"`` (``linear_sum_assignment``), ``"multiscale"`` (shortest augmenting
+            paths with coarse-level warm starts and an optimality certificate,
+            ``ot_cfm.couplers.multiscale``), both for equal uniform batches; ``"pot"`` (``ot.emd``,
+            any sizes and weights); or ``"auto"``: ``"multiscale"`` for equal uniform batches (the
+            fastest at every measured batch size and dimension from B = 128, see ``choose_solver``),
+            POT whenever the batch sizes differ or weights are given.
 
     Every backend solves the batches centred (each on its own mean, where its offset exceeds its
     spread) and scaled by one power of two: exact at any scale and offset that the float64 points
@@ -169,9 +163,10 @@ class ExactOTCoupler(Coupler):
                 raise ValueError(f"backend {self.backend!r} needs equal batch sizes, got {b0} and {b1}; "
                                  "use 'pot' or 'auto'")
             return "pot"
-        if self.backend == "auto":
-            return "multiscale" if any(dim <= d and b0 >= b for d, b in _MULTISCALE_FROM) else "scipy"
-        return self.backend
+        # auto: the certified solver for every equal uniform batch. It was faster than the scipy and POT backends in
+        # every measured cell from B = 128 (d = 2 to 784, benchmarks/results/couplers_exact.md); at B = 64 the scipy
+        # backend is 0.1 ms faster (0.31 against 0.41 ms at d = 2), without a certificate
+        return "multiscale" if self.backend == "auto" else self.backend
 
     def _solve(self, x0: torch.Tensor, x1: torch.Tensor, weights0=None, weights1=None) -> tuple[str, torch.Tensor]:
         self.validate(x0, x1)
@@ -184,7 +179,7 @@ class ExactOTCoupler(Coupler):
                              "use 'pot' or 'auto' with weights")
         solver = "pot" if weighted else self.choose_solver(a.shape[0], b.shape[0], a.shape[1])
         if solver == "multiscale":  # it centres, scales and certifies itself
-            return solver, multiscale_assignment(a, b)
+            return solver, assign(a, b)
         if solver == "scipy":
             return solver, _solve_on_cpu(_scipy_cost(a, b), solver)[0]
         a, b, _ = centre_and_scale(a, b, separately=True, dtype=torch.float64)

@@ -1,128 +1,143 @@
-"""Exact assignment for the squared Euclidean cost by multiscale column generation.
+"""Exact assignment for the squared Euclidean cost, warm-started from a hierarchy of averaged batches.
 
-For equal batches x (B, d) and y (B, d) the optimal permutation minimises sum_i C_{i, sigma(i)},
-C_ij = |x_i - y_j|^2. POT's network simplex on all B^2 arcs is the reference; at low dimension it is
-also the fastest library solver there (scipy's shortest augmenting paths are 3x to 5x slower at d = 2,
-``benchmarks/results/assignment_warm_start.md``). This module solves the same problem on a sparse candidate
-graph and proves optimality on the full one:
+For equal batches x (B, d) and y (B, d) the optimal permutation minimises sum_i |x_i - y_sigma(i)|^2, or
+equally sum_i C_{i, sigma(i)} with C = -<x_i, y_j> (the norms add the same total to every permutation).
+Shortest augmenting paths (``ot_cfm.couplers.augmenting_paths``) solve it exactly and return duals
+u, v; they are fast when they start from column duals v close to the optimal ones, and slow from
+scratch at low dimension (scipy: 9 ms at B = 256, d = 2, against 1 ms from the optimal duals,
+``benchmarks/results/assignment_warm_start.md``). This module gets such duals from coarser problems:
 
-1. Solve the problem on every second point (recursively; POT's dense network simplex at ``base``
-   points or fewer), extend its row duals u to every column by the c-transform
-   v_j = min_i (C_ij - u_i), then u_i = min_j (C_ij - v_j).
-2. Candidate arcs: the ``neighbours`` smallest reduced costs R_ij = C_ij - u_i - v_j of every row and
-   of every column, plus the diagonal (a perfect matching, so the sparse problem is feasible).
-3. POT's network simplex on the candidate arcs returns a permutation and duals (u, v). If
-   R_ij >= -tol on the full B x B grid and R <= tol on the permutation, (u, v) is dual feasible and
-   complementary to it, so by LP duality its cost sum_i C_{i, sigma(i)} is within 2 B tol of the
-   optimum (``network_simplex.certify``; tol = 1e-10 (max |x|^2 + max |y|^2), at least 1e-10: above
-   the rounding of POT's duals and of R, far below any cost gap that matters). Otherwise the
-   ``neighbours`` most negative arcs of every violating row join the candidates and step 3 repeats (at
-   most ``_MAX_ROUNDS`` times, then POT's dense solver, whose answer is certified in the same way).
+1. Each batch is put in k-d order (``kd_order``): split at a power of two along the widest coordinate,
+   recursively, so that consecutive aligned blocks of 2^l points are spatial clusters.
+2. Level l + 1 averages consecutive pairs: its points are the means of the level-l pairs, its cost the
+   2 x 2 block means of the level-l cost (-<x, y> is bilinear, so the two agree), down to ``base``
+   points, which are solved from scratch over all arcs.
+3. From level l + 1's row duals U, every column of level l gets v_j = min_c (Cbar_cj - U_c), Cbar_cj the
+   cost of the pair mean c to point j (the c-transform); level l is then solved on its k smallest reduced
+   costs per row and column from those duals, certified on its full grid (``sparse_assignment``).
 
-Everything runs on the batches centred and scaled by ``base.centre_and_scale`` (each on its own mean
-where its offset exceeds its spread, both divided by one power of two; the optimal permutation does
-not change): POT's pivoting compares reduced costs with absolute tolerances, and on raw points scaled
-by 1e-8 to 1e-6 it stopped 0.4 to 130 % above the optimum (B = 512 and 1024, d = 2), while under a
-common offset of 1e8 the float64 cost itself loses the points' differences (20 % and more above it).
-The tolerance above is then relative to the data's extent. If no certificate can be obtained,
-RuntimeError: a plan is never returned unproven.
+Averaging, not subsampling: the duals of a half-sized subsample differ from the full problem's by the
+sampling noise of the half sample, an error at every spatial scale, which left augmenting paths across
+the whole batch (B = 1024, d = 2: 35,000 Dijkstra steps at the top level); the duals of pair means differ
+only at the scale of a pair (13,500 steps, 2.5x less time, CPU time with one thread). Above
+``LEVELS_UP_TO_DIM`` pair means are no clusters, and the sparse solver starts from v = 0.
 
-Reduced costs come from one GEMM of augmented factors, R = [x, |x|^2 - u, 1] @ [-2 y, 1, |y|^2 - v]^T,
-on the input's device; only the candidate arcs cross to the CPU solver. Measured on the couplers
-benchmark's batches (one thread, ``benchmarks/results/couplers_crossover.md``): 1.6x to 2.6x faster
-than POT's dense solve at B = 1024 and 2048 for d = 2 to 4, no faster at B = 256 (hence ``base``).
+Everything runs on the batches centred by ``base.centre_and_scale`` (each on its own mean where its
+offset exceeds its spread; the optimal permutation does not change; divided by their power of two only
+where float64 needs it), in float64. The answer is certified on the full cost of the top level:
+R_ij = C_ij - v_j - u_i >= -tol everywhere and R <= tol on the permutation, so by LP duality its cost is
+within 2 B tol of the optimum, tol = 2 ``network_simplex.CERTIFICATE_TOL`` max_ij |C_ij| (1e-10 of
+the cost's range, at any scale: above the rounding of the duals, far below any cost gap that matters). When the
+sparse rounds do not certify (``_MAX_ROUNDS``) the dense solver finishes from the current duals; a
+permutation that still fails its certificate raises RuntimeError instead of being returned.
 """
 
 from __future__ import annotations
 
-import scipy.sparse
+import math
+
+import numpy as np
 import torch
 
-from ot_cfm.couplers.base import buffer_view, centre_and_scale
-from ot_cfm.couplers.network_simplex import certificate_tolerance, certify, network_simplex
+from ot_cfm.couplers.base import centre_and_scale
+from ot_cfm.couplers.network_simplex import CERTIFICATE_TOL
 
-__all__ = ["multiscale_assignment"]
+__all__ = ["multiscale_assignment", "dense_below", "LEVELS_UP_TO_DIM"]
 
-_MAX_ROUNDS = 50  # column-generation rounds per level before falling back to the dense solver
-_SOLVER = "multiscale_assignment (POT network simplex)"
-
-
-def _reduced_costs(x: torch.Tensor, y: torch.Tensor, p: torch.Tensor, q: torch.Tensor,
-                   out: torch.Tensor) -> torch.Tensor:
-    """R_ij = p_i + q_j - 2 <x_i, y_j>, shape (Bx, By), as one matrix product of augmented factors,
-    written into ``out`` (a work-buffer view, see ``buffer_view``)."""
-    ones_x = torch.ones_like(p)[:, None]
-    ones_y = torch.ones_like(q)[:, None]
-    return torch.matmul(torch.cat([x, p[:, None], ones_x], 1), torch.cat([-2.0 * y, ones_y, q[:, None]], 1).T, out=out)
+_MAX_ROUNDS = 20  # rounds of added arcs per level before the dense solver finishes that level
+_SOLVER = "multiscale_assignment (shortest augmenting paths)"
 
 
-def _dense_level(x, y, nx, ny, work, tol: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(permutation, u, v) from POT's dense solver; all three on x's device. With ``tol``, the answer
-    is certified (``certify``; RuntimeError if it fails), else (a coarse level) only used for its duals."""
-    n = x.shape[0]
-    cost = _reduced_costs(x, y, nx, ny, out=buffer_view(work[0], (n, n))).clamp_min_(0.0)
-    plan, u, v = network_simplex(cost.cpu().numpy())
-    perm, u, v = (torch.from_numpy(t).to(x.device) for t in (plan.argmax(1), u, v))
-    if tol is not None:
-        certify(cost.sub_(u[:, None]).sub_(v[None, :]), torch.arange(n, device=x.device), perm, tol, solver=_SOLVER)
-    return perm, u, v
+def dense_below(dim: int) -> int:
+    """The batch size up to which the dense solver works alone (and the size of the coarsest level), for
+    flattened dimension dim.
+
+    CPU time with one thread on the couplers benchmark's batches: at d = 2 levels down to 32 points are as
+    fast as the dense solver at B = 64 (0.09 ms) and 2x to 3x faster from B = 96 (0.3 ms against 0.6 to
+    1.0 ms), also 15 % faster than levels down to 64 at B = 128 to 256; at d = 32 and 784 levels win only
+    above 256 (B = 256, d = 32: dense 2.6 ms, levels 3.0 ms; B = 1024: 126 ms against 37 ms), and at d = 784
+    the dense solver takes 1.6 ms at B = 256, the sparse one from v = 0 1.8 ms."""
+    return 32 if dim <= 4 else 256
 
 
-def _solve_level(x, y, nx, ny, neighbours: int, base: int, tol: float, work: torch.Tensor, top: bool = True):
-    """(permutation (B,), u (B,), v (B,)): an optimal assignment of C = nx + ny - 2 x y^T and duals
-    certifying it, R = C - u - v >= -tol everywhere and R <= tol on the permutation (``certify``). A
-    coarse level (``top`` False) only provides duals, and skips the certificate when solved densely.
-    ``work``: two flat buffers of at least B^2 entries, shared by every level (a level uses them after
-    its sub-level)."""
-    n = x.shape[0]
+#: largest flattened dimension with coarse levels; above it the sparse solver starts from v = 0. At d = 784
+#: the k-d order alone cost 4.5 ms per batch at B = 512, and pair means of 784-dimensional points are no
+#: cluster: the sparse solver from v = 0 took 6.8 ms at B = 512 and 19 ms at B = 1024, from coarse duals 7.8 and
+#: 28 ms (without the order); at d = 32 the levels win (B = 1024: 32 ms against 39 ms)
+LEVELS_UP_TO_DIM = 64
+
+
+def _solve(C: np.ndarray, base: int, neighbours: int, tol: float, levels: bool, top: bool = True):
+    """(sigma, u, v) for the cost C (n, n): dense from scratch up to ``base`` points, else sparse from the
+    duals of the pair-averaged problem (``levels``, C in k-d order) or from v = 0; the top level is
+    certified (RuntimeError otherwise), the coarse ones only provide duals."""
+    # numba loads here, not at module level: importing it costs about half a second
+    from ot_cfm.couplers.augmenting_paths import dense_assignment, sparse_assignment, violations
+    from ot_cfm.couplers.kd_pyramid import c_transform, coarsen
+
+    n = C.shape[0]
     if n <= base:
-        return _dense_level(x, y, nx, ny, work, tol if top else None)
-    _, u_half, _ = _solve_level(x[::2], y[::2], nx[::2], ny[::2], neighbours, base, tol, work, top=False)
-    half = u_half.shape[0]
-    v = _reduced_costs(x[::2], y, nx[::2] - u_half, ny, out=buffer_view(work[0], (half, n))).amin(0)
-    reduced = _reduced_costs(x, y, nx, ny - v, out=buffer_view(work[0], (n, n)))
-    u = reduced.amin(1)
-    reduced -= u[:, None]
-
-    k = min(neighbours, n)
-    idx = torch.arange(n, device=x.device)
-    by_row = torch.topk(reduced, k, dim=1, largest=False, sorted=False).indices
-    transposed = _reduced_costs(y, x, ny - v, nx - u, out=buffer_view(work[1], (n, n)))
-    by_col = torch.topk(transposed, k, dim=1, largest=False, sorted=False).indices
-    arcs = torch.cat([idx[:, None] * n + by_row, by_col * n + idx[:, None], (idx * (n + 1))[:, None]], 1)
-    arcs = torch.unique(arcs.reshape(-1))
-    for _ in range(_MAX_ROUNDS):
-        rows, cols = arcs // n, arcs % n
-        weights = reduced[rows, cols] + u[rows] + v[cols]
-        sparse_cost = scipy.sparse.coo_array(
-            (weights.cpu().numpy(), (rows.cpu().numpy(), cols.cpu().numpy())), shape=(n, n))
-        plan, u, v = network_simplex(sparse_cost)
-        u, v = torch.from_numpy(u).to(x.device), torch.from_numpy(v).to(x.device)
-        plan = plan.tocoo()
-        on = plan.data > 0.5 / n
-        perm = torch.zeros(n, dtype=torch.long)  # a row without an arc of mass 1/n fails the final check
-        perm[torch.from_numpy(plan.row[on]).long()] = torch.from_numpy(plan.col[on]).long()
-        perm = perm.to(x.device)
-        reduced = _reduced_costs(x, y, nx - u, ny - v, out=reduced)
-        violating = certify(reduced, idx, perm, tol, solver=_SOLVER, strict=False)
-        if violating.numel() == 0:
-            return perm, u, v
-        worst = torch.topk(reduced[violating], k, dim=1, largest=False, sorted=False)
-        new = (violating[:, None] * n + worst.indices)[worst.values < -tol]
-        arcs = torch.cat([arcs, new])
-    return _dense_level(x, y, nx, ny, work, tol if top else None)
+        sigma, u, v = dense_assignment(C, np.zeros(n))
+    else:
+        if levels:
+            pairs, coarse = coarsen(C)
+            v = c_transform(pairs, _solve(coarse, base, neighbours, tol, levels, top=False)[1])
+        else:
+            v = np.zeros(n)
+        sigma, u, v, ok = sparse_assignment(C, v, neighbours, tol, _MAX_ROUNDS)
+        if not ok:  # exact from any duals: then the certificate below decides
+            sigma, u, v = dense_assignment(C, v)
+    if top:
+        _, lowest, on_plan = violations(C, u, v, sigma, tol, 1, np.empty(n, np.int64), np.empty(n, np.int64))
+        if lowest < -tol or on_plan > tol or np.bincount(sigma, minlength=n).max() != 1:
+            raise RuntimeError(
+                f"{_SOLVER} returned a permutation that fails its optimality certificate: the reduced costs "
+                f"C - u - v reach {lowest:.3e} over all arcs and {on_plan:.3e} on the permutation, expected >= "
+                f"-{tol:.1e} and <= {tol:.1e} (units of the centred, scaled cost). Please report the batch that "
+                "caused this; ExactOTCoupler(backend='scipy') solves without it.")
+    return sigma, u, v
 
 
-def multiscale_assignment(x: torch.Tensor, y: torch.Tensor, *, neighbours: int = 48,
-                          base: int = 256) -> torch.Tensor:
+def assign(x: torch.Tensor, y: torch.Tensor, neighbours: int = 6, base: int | None = None) -> torch.Tensor:
+    """``multiscale_assignment`` for batches already checked (finite, same shape (B, d))."""
+    from ot_cfm.couplers.kd_pyramid import kd_order
+
+    n = x.shape[0]
+    base = dense_below(x.shape[1]) if base is None else base
+    # the assignment does not depend on the scale: the batches are divided by it only where their products
+    # could leave float64's range (each division is a pass over both batches)
+    a, b, scale = centre_and_scale(x.detach(), y.detach(), separately=True, dtype=torch.float64, scaled=False)
+    if not 2.0 ** -200 < scale < 2.0 ** 200:
+        a, b = a.div_(scale), b.div_(scale)
+    levels = n > base and x.shape[1] <= LEVELS_UP_TO_DIM
+    if levels:  # k-d order, so that the pairs averaged by the coarse levels are neighbours
+        rows, cols = (torch.from_numpy(kd_order(t.cpu().numpy())) for t in (a, b))
+        a, b = a[rows.to(a.device)], b[cols.to(b.device)]
+    cost = torch.mm(a.neg_(), b.T).cpu()
+    low, high = torch.aminmax(cost)
+    if not math.isfinite(float(high) - float(low)):  # the sampled scale missed an outlier row: its products overflowed
+        extent = max(float(a.abs().max()), float(b.abs().max()))
+        a, b = a.div_(extent), b.div_(extent)  # entries in [-1, 1]: |C_ij| <= d (a is negated already)
+        cost = torch.mm(a, b.T).cpu()
+        low, high = torch.aminmax(cost)
+    tol = CERTIFICATE_TOL * 2.0 * max(-float(low), float(high))
+    sigma = torch.from_numpy(_solve(cost.numpy(), base, neighbours, tol, levels)[0])
+    if levels:  # back from the k-d orders
+        sigma = torch.empty_like(sigma).index_put_((rows,), cols[sigma])
+    return sigma.to(x.device)
+
+
+def multiscale_assignment(x: torch.Tensor, y: torch.Tensor, *, neighbours: int = 6,
+                          base: int | None = None) -> torch.Tensor:
     """The optimal assignment sigma (B,) minimising sum_i |x_i - y_sigma(i)|^2, for x, y of shape (B, d).
 
-    Certified exact (LP duality, see the module docstring): on the batches centred on their means and
-    divided by one power of two (``centre_and_scale``), its cost is within 2 B tol of the optimum,
-    tol = 1e-10 max(max_i |x_i|^2 + max_j |y_j|^2, 1) there, a few 1e-10 of the batches' squared
-    extent per pair; RuntimeError if no certificate is obtained.
-    ``neighbours``: candidate arcs per row and per column; ``base``: batch size from which down POT's
-    dense solver is used. Computes in float64 on x's device; returns indices on it.
+    Certified exact (LP duality, see the module docstring): on the batches centred on their means
+    (``centre_and_scale``), its cost is within 2 B tol of the optimum, tol = 2e-10 max_ij |<x_i, y_j>|
+    there; RuntimeError if no certificate is obtained.
+    ``neighbours``: candidate arcs per row and per column (6: at B = 1024, 4 took up to 1.3x as long at
+    d = 32 and 8 up to 1.15x as long at d = 2 and 32, CPU times within 20 % noise); ``base``: the batch
+    size up to which the dense solver works alone (``dense_below(d)`` by default). Computes in float64,
+    the cost on x's device and the assignment on the CPU; returns indices on x's device.
     """
     if x.ndim != 2 or x.shape != y.shape:
         raise ValueError(f"x and y must have the same shape (B, d), got {tuple(x.shape)} and {tuple(y.shape)}")
@@ -130,13 +145,6 @@ def multiscale_assignment(x: torch.Tensor, y: torch.Tensor, *, neighbours: int =
         raise ValueError("the batch is empty")
     if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
         raise ValueError("x and y must not contain NaN or inf")
-    if neighbours < 1 or base < 1:
+    if neighbours < 1 or (base is not None and base < 1):
         raise ValueError(f"neighbours and base must be positive, got {neighbours} and {base}")
-    x, y, _ = centre_and_scale(x.detach(), y.detach(), separately=True, dtype=torch.float64)
-    nx, ny = (x * x).sum(1), (y * y).sum(1)
-    tol = certificate_tolerance(nx, ny)
-    work = torch.empty(2, x.shape[0] ** 2, dtype=torch.float64, device=x.device)
-    perm = _solve_level(x, y, nx, ny, neighbours, base, tol, work)[0]
-    if torch.bincount(perm, minlength=x.shape[0]).max() != 1:
-        raise RuntimeError("POT emd returned an equal-size plan that is not a permutation")
-    return perm
+    return assign(x, y, neighbours, base)
