@@ -2,7 +2,8 @@
 
 - ``base``: ``Coupler``, the interface (``pair``, ``indices``, ``plan``), on the input's device and dtype.
 - ``exact``: ``ExactOTCoupler``, exact OT for the squared Euclidean cost (scipy, POT, or the certified
-  ``multiscale`` network simplex of ``network_simplex``).
+  ``multiscale`` backend: shortest augmenting paths (``augmenting_paths``, numba) warm-started from k-d levels
+  (``kd_pyramid``), every answer certified by its duals on all B^2 costs).
 - ``sinkhorn``: ``SinkhornCoupler``, log-domain entropic OT in torch. ``unbalanced``: ``UnbalancedCoupler`` and
   ``PartialCoupler``, plans that may drop mass.
 - ``independent``: ``IndependentCoupler`` (I-CFM's pairing). ``semidiscrete``: ``SemidiscreteCoupler``, the
